@@ -1,0 +1,26 @@
+# The two commands of the README: `make demo` (the main job end to end on the embedded default) and
+# `make test` (the test suite). Both set up .venv themselves on a fresh machine with Python 3.11.
+PY := .venv/bin/python
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM := false
+RECIPE ?= tiny-eagle3
+
+.PHONY: setup demo test test-fast bench clean
+
+setup:
+	@bash platform/install.sh
+
+demo: setup
+	$(PY) -m jobs.pipeline --recipe $(RECIPE)
+
+test: setup
+	$(PY) -m pytest tests kernels -q
+
+test-fast: setup
+	$(PY) -m pytest tests -q -m "not slow"
+
+bench: setup
+	$(PY) -m jobs.bench --recipe $(RECIPE)
+
+clean:
+	rm -rf runs bench-results .pytest_cache

@@ -1,0 +1,79 @@
+"""Connect to a Ray cluster, or start a local one, with errors that say how to fix an unreachable address."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import ray
+
+from draftsmith.provenance import PROJECT_ROOT, git_commit
+from draftsmith.recipe.schema import RaySettings
+
+log = logging.getLogger(__name__)
+
+
+class ClusterError(RuntimeError):
+    """Ray cannot be reached as configured."""
+
+
+def cache_dir() -> Path:
+    """Where built artifacts shared between recipes live (the embedded base, compiled DeepSpeed ops)."""
+    path = Path(os.environ.get("DRAFTSMITH_CACHE_DIR", Path.home() / ".cache" / "draftsmith"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every Ray worker gets: DeepSpeed's JIT ops compiled once into the cache, same commit tag."""
+    env = {
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions")),
+        "DRAFTSMITH_GIT_COMMIT": git_commit(),
+        "DRAFTSMITH_CACHE_DIR": str(cache_dir()),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return env
+
+
+def _check_tcp(address: str, timeout_s: float = 3.0) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return  # not host:port (e.g. "auto"); ray.init reports its own error
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ClusterError(
+            f"no Ray cluster answers at {address} ({exc}). Start one with `ray start --head --port {port}`, "
+            "or set ray.address to a running cluster's GCS address, or leave it unset to start a local Ray."
+        ) from None
+
+
+def connect(settings: RaySettings) -> None:
+    """Join the configured cluster, the one `ray job submit` runs us in ($RAY_ADDRESS), or start a local one."""
+    if ray.is_initialized():
+        return
+    address = settings.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        if address.startswith("ray://"):
+            _check_tcp(address[len("ray://"):])
+        elif address != "auto":
+            _check_tcp(address)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        except (ConnectionError, RuntimeError) as exc:
+            raise ClusterError(
+                f"cannot join the Ray cluster at {address}: {exc}. Check `ray status` on that machine, or leave "
+                "ray.address unset to start a local Ray."
+            ) from None
+        log.info("joined Ray cluster at %s", address)
+        return
+    # A local cluster: put the project on the workers' path so they import this checkout, not a stale install.
+    runtime_env["env_vars"]["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
+    )
+    ray.init(num_cpus=settings.num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+    log.info("started a local Ray with %s logical CPUs", settings.num_cpus)

@@ -1,0 +1,1 @@
+"""Stages, their fingerprinted output folders, and the runner that chains them."""

@@ -1,0 +1,1 @@
+"""Recipes: the typed schema of every stage's settings and its YAML loader."""

@@ -1,0 +1,280 @@
+"""The recipe schema: every stage's settings, typed and validated; the one place that defines each default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ----------------------------------------------------------------------------------------------- base model
+class EmbeddedCorpus(Strict):
+    seed: int = Field(0, description="Seed of the conversation generator (training and held-out sets).")
+    num_train: int = Field(24000, gt=0, description="Generated training conversations.")
+    num_heldout: int = Field(250, gt=0, description="Held-out conversations for exact-match evaluation.")
+    families: list[Literal["arithmetic", "sorting", "spelling", "units", "facts"]] = Field(
+        default_factory=lambda: ["arithmetic", "sorting", "spelling", "units", "facts"],
+        min_length=1,
+        description="Task families, generated in equal shares.",
+    )
+    recall_share: float = Field(0.1, ge=0, le=1, description="Share of conversations that end with a recall turn.")
+
+
+class EmbeddedArchitecture(Strict):
+    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary target (the corpus may yield fewer).")
+    hidden_size: int = Field(192, gt=0)
+    intermediate_size: int = Field(576, gt=0)
+    num_hidden_layers: int = Field(4, gt=0)
+    head_dim: Literal[32, 64] = Field(32, description="vLLM's CPU attention rejects 16.")
+    num_key_value_heads: int | None = Field(None, gt=0, description="Defaults to the number of attention heads.")
+    max_position_embeddings: int = Field(1024, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "EmbeddedArchitecture":
+        if self.hidden_size % self.head_dim:
+            raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of head_dim={self.head_dim}")
+        heads = self.hidden_size // self.head_dim
+        if self.num_key_value_heads is not None and heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads} must divide the {heads} attention heads "
+                "(hidden_size / head_dim)"
+            )
+        return self
+
+
+class EmbeddedPretraining(Strict):
+    num_workers: int = Field(2, gt=0, description="Ray Train workers (processes).")
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    epochs: float = Field(1.0, gt=0, description="Passes over the packed training rows.")
+    micro_batch_size: int = Field(8, gt=0, description="Rows per worker per step.")
+    seq_len: int = Field(256, gt=0, description="Packed row length in tokens.")
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+class EmbeddedBase(Strict):
+    corpus: EmbeddedCorpus = Field(default_factory=EmbeddedCorpus)
+    architecture: EmbeddedArchitecture = Field(default_factory=EmbeddedArchitecture)
+    pretraining: EmbeddedPretraining = Field(default_factory=EmbeddedPretraining)
+
+
+class BaseModelSettings(Strict):
+    model: str = Field(
+        "embedded",
+        description="'embedded' builds the small default base on first use; otherwise a Hugging Face causal LM "
+        "folder (config.json, safetensors weights, tokenizer).",
+    )
+    embedded: EmbeddedBase = Field(default_factory=EmbeddedBase)
+
+
+# -------------------------------------------------------------------------------------------- draft module
+class EagleSettings(Strict):
+    num_layers: int = Field(1, gt=0, description="Decoder layers in the draft.")
+    draft_vocab_size: int | None = Field(
+        None, gt=0, description="EAGLE-3 reduced vocabulary (d2t/t2d); None keeps the base vocabulary."
+    )
+    aux_hidden_state_layer_ids: list[int] | None = Field(
+        None, description="Base layers whose outputs EAGLE-3 fuses (ModelOpt numbering); None picks low/mid/high."
+    )
+    ttt_steps: int = Field(3, gt=0, description="Training-time-test steps (draft unroll length).")
+    intermediate_size: int | None = Field(None, gt=0, description="Draft MLP width; None copies the base's.")
+
+
+class MedusaSettings(Strict):
+    num_heads: int = Field(3, gt=0)
+    num_layers: int = Field(1, gt=0, description="Residual layers per head.")
+
+
+class DraftSettings(Strict):
+    algorithm: Literal["eagle3", "eagle1", "medusa"] = "eagle3"
+    eagle: EagleSettings = Field(default_factory=EagleSettings)
+    medusa: MedusaSettings = Field(default_factory=MedusaSettings)
+
+
+# -------------------------------------------------------------------------------------------------- data
+class DataSource(Strict):
+    path: str = Field(description="A jsonl or parquet file, or a folder of them.")
+    format: Literal["auto", "openai", "sharegpt"] = "auto"
+
+
+class DataSettings(Strict):
+    sources: list[DataSource] = Field(
+        default_factory=list, description="Prompt datasets; empty means the embedded base's generated prompts."
+    )
+    num_prompts: int = Field(2000, gt=0, description="Generated prompts used when `sources` is empty.")
+    max_bad_share: float = Field(0.05, ge=0, le=1, description="Fail when more records than this are quarantined.")
+
+
+# ---------------------------------------------------------------------------------------------- synthesis
+class SamplingSettings(Strict):
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens_per_turn: int = Field(256, gt=0)
+    max_total_tokens: int = Field(2048, gt=0, description="Longer conversations are cut at a turn boundary.")
+
+
+class OpenAIEndpoint(Strict):
+    base_url: str = Field("http://127.0.0.1:8000/v1")
+    model: str | None = Field(None, description="Model name sent to the endpoint; None asks /v1/models.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    max_concurrency: int = Field(8, gt=0)
+    max_retries: int = Field(4, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class SynthesisSettings(Strict):
+    engine: Literal["vllm", "openai"] = "vllm"
+    concurrency: int = Field(1, gt=0, description="vLLM engine actors.")
+    batch_size: int = Field(64, gt=0)
+    shard_size: int = Field(500, gt=0, description="Conversations per output shard.")
+    use_gpu: bool = False
+    quantized_base: bool = Field(False, description="Serve the base with ModelOpt quantization during synthesis.")
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    openai: OpenAIEndpoint = Field(default_factory=OpenAIEndpoint)
+
+
+# ----------------------------------------------------------------------------------------------- training
+class TrainingSettings(Strict):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["bf16", "fp32"] = "bf16"
+    steps: int = Field(600, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accumulation: int = Field(1, gt=0)
+    max_seq_len: int = Field(512, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(30, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(0.5, gt=0)
+    validation_share: float = Field(0.05, gt=0, lt=1)
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(100, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------- quantization
+class QATSettings(Strict):
+    steps: int = Field(200, ge=0, description="0 skips the QAT finetune (PTQ only).")
+    lr: float = Field(1e-4, gt=0)
+
+
+class QuantizationSettings(Strict):
+    format: Literal["none", "fp8", "int8", "int4_awq", "nvfp4"] = "fp8"
+    quantize_kv_cache: bool = True
+    quantize_base: bool = Field(True, description="Also export the base quantized (needs a GPU runtime to serve).")
+    calibration_samples: int = Field(128, gt=0)
+    qat: QATSettings = Field(default_factory=QATSettings)
+
+
+# ------------------------------------------------------------------------------------------------- export
+class ExportSettings(Strict):
+    targets: list[Literal["vllm", "trtllm"]] = Field(default_factory=lambda: ["vllm", "trtllm"], min_length=1)
+    max_draft_len: int = Field(3, gt=0, description="Draft tokens per step the engine configs ask for.")
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+class PromptSet(Strict):
+    name: str
+    path: str | None = Field(None, description="jsonl of prompts; None means the embedded held-out prompts.")
+    limit: int | None = Field(None, gt=0)
+
+
+class EvaluationSettings(Strict):
+    prompt_sets: list[PromptSet] = Field(default_factory=lambda: [PromptSet(name="embedded-heldout")])
+    num_speculative_tokens: int = Field(3, gt=0)
+    temperatures: list[float] = Field(default_factory=lambda: [0.0, 0.7])
+    max_tokens: int = Field(128, gt=0)
+    gate_set: str = Field("embedded-heldout", description="Prompt set whose acceptance length gates promotion.")
+    gate_margin: float = Field(0.0, ge=0, description="Acceptance-length gain needed to replace the champion.")
+
+
+# ----------------------------------------------------------------------------------------------- tracking
+class TrackingSettings(Strict):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; None uses $MLFLOW_TRACKING_URI, else a local sqlite database."
+    )
+    experiment: str = "draftsmith"
+    registry_name: str = Field("draftsmith-draft", description="Registered model name for exported drafts.")
+
+
+# ------------------------------------------------------------------------------------------------ serving
+class ServingSettings(Strict):
+    engine: Literal["vllm", "trtllm"] = "vllm"
+    model_ref: str | None = Field(None, description="`models:/NAME@ALIAS` or an export folder.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    replicas: int = Field(1, gt=0)
+    api_key_env: str | None = Field(None, description="Environment variable with the bearer token; None = no auth.")
+    max_tokens_limit: int = Field(1024, gt=0)
+    max_prompt_tokens: int = Field(2048, gt=0)
+    max_n: int = Field(4, gt=0)
+
+
+# ------------------------------------------------------------------------------------------------ cluster
+class RaySettings(Strict):
+    address: str | None = Field(
+        None, description="None starts a local Ray (or joins the job's cluster under `ray job submit`)."
+    )
+    num_cpus: int | None = Field(
+        8, gt=0, description="Logical CPUs of a local Ray; more than the cores, or Ray Data stalls on 2 cores."
+    )
+
+
+class Recipe(Strict):
+    name: str = Field(description="Names the run folder and MLflow runs.")
+    output_dir: str = Field("runs", description="Run outputs live under OUTPUT_DIR/NAME.")
+    base: BaseModelSettings = Field(default_factory=BaseModelSettings)
+    draft: DraftSettings = Field(default_factory=DraftSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    synthesis: SynthesisSettings = Field(default_factory=SynthesisSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    quantization: QuantizationSettings = Field(default_factory=QuantizationSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        if self.export.max_draft_len < self.evaluation.num_speculative_tokens:
+            raise ValueError(
+                f"evaluation.num_speculative_tokens={self.evaluation.num_speculative_tokens} exceeds "
+                f"export.max_draft_len={self.export.max_draft_len}; raise the latter or lower the former"
+            )
+        if self.base.model != "embedded":
+            if not self.data.sources:
+                raise ValueError(
+                    f"base.model={self.base.model!r} is not the embedded base, so data.sources must list prompt "
+                    "datasets (the generated prompts exist only for the embedded base)"
+                )
+            generated = [p.name for p in self.evaluation.prompt_sets if p.path is None]
+            if generated:
+                raise ValueError(
+                    f"evaluation.prompt_sets {generated} have no path; only the embedded base has generated "
+                    "held-out prompts, so give each set a path"
+                )
+        names = [p.name for p in self.evaluation.prompt_sets]
+        if self.evaluation.gate_set not in names:
+            raise ValueError(f"evaluation.gate_set={self.evaluation.gate_set!r} is not one of prompt_sets {names}")
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name

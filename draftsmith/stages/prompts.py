@@ -1,0 +1,53 @@
+"""Stage `prompts`: the conversations synthesis answers and the held-out prompt set evaluation uses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from draftsmith import tracking
+from draftsmith.embedded.build import heldout_conversations
+from draftsmith.embedded.conversations import generate_conversations
+from draftsmith.pipeline.stage import Stage, StageContext
+from draftsmith.recipe.schema import Recipe
+
+PROMPTS_FILE = "prompts.jsonl"
+HELDOUT_FILE = "heldout.jsonl"
+
+# Offset from the base corpus seed, so synthesis prompts are new draws rather than the base's training set.
+_PROMPT_SEED_OFFSET = 7
+
+
+class PromptsStage(Stage):
+    name = "prompts"
+    depends_on = ("base",)
+
+    def settings(self, recipe: Recipe) -> dict[str, Any]:
+        return {
+            "sources": [s.model_dump(mode="json") for s in recipe.data.sources],
+            "num_prompts": recipe.data.num_prompts if not recipe.data.sources else None,
+        }
+
+    def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+        recipe = ctx.recipe
+        if recipe.data.sources:
+            # User datasets are read, validated and quarantined by synthesis; this stage only records them.
+            return {"sources": [str(Path(s.path).expanduser().resolve()) for s in recipe.data.sources],
+                    "generated": False}
+        base_dir = Path(ctx.upstream["base"].outputs["model_dir"])
+        heldout = heldout_conversations(base_dir)
+        corpus = recipe.base.embedded.corpus
+        conversations = generate_conversations(
+            recipe.data.num_prompts, corpus.seed + _PROMPT_SEED_OFFSET, tuple(corpus.families),
+            corpus.recall_share, exclude_keys=frozenset(r["conversation_id"].split("-", 1)[1] for r in heldout),
+        )
+        with open(out_dir / PROMPTS_FILE, "w") as f:
+            for conv in conversations:
+                f.write(json.dumps(conv.to_record()) + "\n")
+        with open(out_dir / HELDOUT_FILE, "w") as f:
+            for record in heldout:
+                f.write(json.dumps(record) + "\n")
+        tracking.log_metrics({"prompts": len(conversations), "heldout": len(heldout)})
+        return {"sources": [str(out_dir / PROMPTS_FILE)], "heldout": str(out_dir / HELDOUT_FILE),
+                "generated": True}

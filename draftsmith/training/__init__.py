@@ -1,0 +1,1 @@
+"""Distributed training plumbing shared by the base pretraining and the draft trainer."""
