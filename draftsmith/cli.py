@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from draftsmith.base_model import BaseModelError
 from draftsmith.cluster import ClusterError

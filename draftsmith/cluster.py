@@ -56,7 +56,9 @@ def connect(settings: RaySettings) -> None:
     if ray.is_initialized():
         return
     address = settings.address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": worker_env()}
+    # Only what this process's environment lacks: a `ray job submit` runtime env that already sets a key
+    # conflicts with a driver that sets it again, and workers inherit the rest anyway.
+    runtime_env = {"env_vars": {k: v for k, v in worker_env().items() if k not in os.environ}}
     if address:
         if address.startswith("ray://"):
             _check_tcp(address[len("ray://"):])
@@ -75,5 +77,7 @@ def connect(settings: RaySettings) -> None:
     runtime_env["env_vars"]["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
     )
-    ray.init(num_cpus=settings.num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+    # address="local": always a fresh cluster, never a stale one recorded by an earlier `ray start`.
+    ray.init(address="local", num_cpus=settings.num_cpus, runtime_env=runtime_env, include_dashboard=False,
+             log_to_driver=True)
     log.info("started a local Ray with %s logical CPUs", settings.num_cpus)

@@ -34,7 +34,7 @@ class PeakMemory:
             self.peak_bytes = max(self.peak_bytes, _ray_and_self_rss())
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 

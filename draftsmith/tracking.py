@@ -9,7 +9,8 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
+from collections.abc import Iterator, Mapping
 
 import mlflow
 from mlflow.tracking import MlflowClient

@@ -9,7 +9,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 FAMILIES = ("arithmetic", "sorting", "spelling", "units", "facts")
 
@@ -70,6 +70,16 @@ class Conversation:
             if with_answers:
                 msgs.append({"role": "assistant", "content": turn.assistant})
         return msgs
+
+    @classmethod
+    def from_record(cls, record: dict) -> Conversation:
+        """Inverse of `to_record`."""
+        msgs = record["messages"]
+        system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
+        rest = msgs[1:] if system is not None else msgs
+        turns = [Turn(rest[i]["content"], rest[i + 1]["content"], kind)
+                 for i, kind in zip(range(0, len(rest), 2), record["kinds"], strict=True)]
+        return cls(record["family"], turns, system=system, conversation_id=record["conversation_id"])
 
     def to_record(self) -> dict:
         return {

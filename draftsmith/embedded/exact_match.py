@@ -59,7 +59,7 @@ def exact_match_report(prompts: list[TurnPrompt], answers: list[tuple[str, bool]
     total: dict[str, int] = defaultdict(int)
     ended = 0
     misses = []
-    for prompt, (text, eos) in zip(prompts, answers):
+    for prompt, (text, eos) in zip(prompts, answers, strict=True):
         total[prompt.kind] += 1
         ended += eos
         if eos and text == prompt.reference:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -52,7 +52,7 @@ def pack_conversations(
             flush()
             cur_ids, cur_labels, cur_pos = [], [], []
         cur_ids += ids
-        cur_labels += [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+        cur_labels += [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
         cur_pos += list(range(len(ids)))
     if cur_ids:
         flush()

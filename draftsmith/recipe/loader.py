@@ -24,7 +24,7 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    candidate = RECIPES_DIR / (path.name if path.suffix else f"{path.name}.yaml")
+    candidate = RECIPES_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
     if candidate.is_file():
         return candidate
     available = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))

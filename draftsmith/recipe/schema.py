@@ -37,7 +37,7 @@ class EmbeddedArchitecture(Strict):
     max_position_embeddings: int = Field(1024, gt=0)
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "EmbeddedArchitecture":
+    def _heads_divide(self) -> EmbeddedArchitecture:
         if self.hidden_size % self.head_dim:
             raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of head_dim={self.head_dim}")
         heads = self.hidden_size // self.head_dim
@@ -253,7 +253,7 @@ class Recipe(Strict):
     ray: RaySettings = Field(default_factory=RaySettings)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Recipe":
+    def _cross_checks(self) -> Recipe:
         if self.export.max_draft_len < self.evaluation.num_speculative_tokens:
             raise ValueError(
                 f"evaluation.num_speculative_tokens={self.evaluation.num_speculative_tokens} exceeds "

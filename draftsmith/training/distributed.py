@@ -7,7 +7,8 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import ray
 import torch

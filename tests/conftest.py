@@ -1,0 +1,117 @@
+"""Shared fixtures: real services started on loopback (MLflow server, local Ray) and a tiny embedded base."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Built artifacts (the tiny test base, DeepSpeed's compiled ops) are cached across test runs in the checkout.
+os.environ.setdefault("DRAFTSMITH_CACHE_DIR", str(ROOT / ".cache" / "tests"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("RAY_ADDRESS", None)
+
+# A base small enough to build in about a minute; quality is not its point (the bench measures the default).
+TINY_BASE_OVERRIDES = [
+    "base.embedded.corpus.num_train=1500",
+    "base.embedded.corpus.num_heldout=20",
+    "base.embedded.architecture.hidden_size=64",
+    "base.embedded.architecture.intermediate_size=192",
+    "base.embedded.architecture.num_hidden_layers=2",
+    "base.embedded.pretraining.epochs=1",
+    "data.num_prompts=40",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not come up in {timeout_s} s")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process as a user would have it: no tracking URI leaked by
+    `mlflow.set_tracking_uri` calls in this test process (MLflow exports it to the environment)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(extra)
+    return env
+
+
+def run_job(module: str, *args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run `python -m MODULE ARGS` from the project root, as a user would."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=clean_env(**(env or {})))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback with a sqlite backend (the Model Registry needs a database)."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
+         str(root / "artifacts"), "--workers", "1"],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", 120, proc)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe():
+    from draftsmith.recipe.loader import load_recipe
+
+    return load_recipe("tiny-eagle3", TINY_BASE_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    import ray
+
+    from draftsmith import cluster
+    from draftsmith.recipe.schema import RaySettings
+
+    cluster.connect(RaySettings(num_cpus=8))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_recipe, local_ray, tmp_path_factory) -> Path:
+    """The tiny embedded base, built once (or found in the cache) with a throwaway local MLflow."""
+    from draftsmith import tracking
+    from draftsmith.embedded.build import build_embedded_base
+
+    tracking_dir = tmp_path_factory.mktemp("tiny-base-tracking")
+    tracking.configure(tiny_recipe.tracking, tracking_dir)
+    return build_embedded_base(tiny_recipe.base.embedded, tracking_uri=tracking.current_uri())

@@ -1,0 +1,123 @@
+"""The pipeline skeleton: stages skip when done and re-run when settings or inputs change; bad input fails fast."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_BASE_OVERRIDES, free_port, run_job
+from draftsmith import tracking
+from draftsmith.pipeline.runner import run_pipeline
+from draftsmith.pipeline.stage import DONE_MARKER, Stage
+from draftsmith.recipe.loader import load_recipe
+
+
+class CountingStage(Stage):
+    """A toy stage that records each real run; its settings are `training.steps`."""
+
+    def __init__(self, name, depends_on=()):
+        self.name, self.depends_on, self.runs = name, depends_on, 0
+
+    def settings(self, recipe):
+        return {"steps": recipe.training.steps}
+
+    def run(self, ctx, out_dir: Path):
+        self.runs += 1
+        (out_dir / "out.txt").write_text(str(ctx.recipe.training.steps))
+        return {"file": str(out_dir / "out.txt")}
+
+
+@pytest.fixture
+def recipe_in(tmp_path):
+    def make(*overrides):
+        recipe = load_recipe("tiny-eagle3", [f"output_dir={tmp_path}", *overrides])
+        tracking.configure(recipe.tracking, recipe.output_dir)
+        return recipe
+    return make
+
+
+def test_finished_stage_is_skipped_and_changed_settings_rerun(recipe_in):
+    first, second = CountingStage("first"), CountingStage("second", depends_on=("first",))
+    results = run_pipeline(recipe_in(), [first, second])
+    assert (first.runs, second.runs) == (1, 1)
+    assert (results["first"].directory / DONE_MARKER).is_file()
+
+    results = run_pipeline(recipe_in(), [first, second])
+    assert (first.runs, second.runs) == (1, 1)
+    assert results["first"].skipped and results["second"].skipped
+
+    changed = run_pipeline(recipe_in("training.steps=7"), [first, second])
+    assert (first.runs, second.runs) == (2, 2)  # the downstream stage follows its input's new fingerprint
+    assert changed["first"].directory != results["first"].directory
+    assert Path(changed["first"].outputs["file"]).read_text() == "7"
+
+
+def test_interrupted_stage_without_marker_runs_again(recipe_in):
+    stage = CountingStage("only")
+    result = run_pipeline(recipe_in(), [stage])["only"]
+    (result.directory / DONE_MARKER).unlink()  # as if killed before finishing
+    run_pipeline(recipe_in(), [stage])
+    assert stage.runs == 2
+
+
+def _summary(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index("{\n"):])
+
+
+@pytest.mark.slow
+def test_pipeline_job_runs_then_skips(tiny_base, mlflow_server, tmp_path):
+    args = ["--recipe", "tiny-eagle3", "--set", f"output_dir={tmp_path}", "--set", f"tracking.uri={mlflow_server}"]
+    for override in TINY_BASE_OVERRIDES:
+        args += ["--set", override]
+    first = run_job("jobs.pipeline", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = _summary(first.stdout)
+    assert summary["base"]["outputs"]["model_dir"] == str(tiny_base)
+    assert not summary["prompts"]["skipped"]
+    prompts = Path(summary["prompts"]["outputs"]["sources"][0]).read_text().splitlines()
+    assert len(prompts) == 40 and "messages" in json.loads(prompts[0])
+
+    again = run_job("jobs.pipeline", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(stage["skipped"] for stage in _summary(again.stdout).values())
+
+    more = run_job("jobs.pipeline", *args, "--set", "data.num_prompts=41")
+    stages = _summary(more.stdout)
+    assert stages["base"]["skipped"] and not stages["prompts"]["skipped"]
+
+
+def _fails_clearly(result, pattern: str) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.search(pattern, result.stderr), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_base_folder_that_is_not_a_causal_lm(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    result = run_job("jobs.pipeline", "--recipe", "tiny-eagle3", "--set", f"output_dir={tmp_path}",
+                     "--set", f"base.model={tmp_path}", "--set", f"data.sources=[{{path: {tmp_path}/p.jsonl}}]",
+                     "--set", f"evaluation.prompt_sets=[{{name: s, path: {tmp_path}/p.jsonl}}]",
+                     "--set", "evaluation.gate_set=s", timeout=120)
+    _fails_clearly(result, r"not a usable causal LM folder.*BertModel")
+
+
+def test_unreachable_mlflow(tmp_path):
+    result = run_job("jobs.pipeline", "--recipe", "tiny-eagle3", "--set", f"output_dir={tmp_path}",
+                     "--set", f"tracking.uri=http://127.0.0.1:{free_port()}", timeout=120)
+    _fails_clearly(result, r"MLflow tracking server .* is unreachable")
+
+
+def test_unreachable_ray(tmp_path):
+    result = run_job("jobs.pipeline", "--recipe", "tiny-eagle3", "--set", f"output_dir={tmp_path}",
+                     "--set", f"ray.address=127.0.0.1:{free_port()}", timeout=120)
+    _fails_clearly(result, r"no Ray cluster answers at 127\.0\.0\.1:\d+.*ray start --head")
+
+
+def test_malformed_recipe(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ntraining:\n  stepz: 3\n")
+    _fails_clearly(run_job("jobs.pipeline", "--recipe", str(bad), timeout=120), r"bad.yaml:3: unknown key 'training.stepz'")
+    _fails_clearly(run_job("jobs.pipeline", "--recipe", "nope", timeout=120), r"recipe 'nope' not found")
