@@ -49,7 +49,10 @@ def package_versions() -> dict[str, str]:
 
 
 def command_line() -> str:
-    return shlex.join([os.path.basename(sys.executable), *sys.argv])
+    """The command as typed: `python -m jobs.bench ...` rather than the module's file path."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
+    return shlex.join([*head, *sys.argv[1:]])
 
 
 def provenance_tags() -> dict[str, str]:

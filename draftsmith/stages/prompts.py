@@ -8,7 +8,7 @@ from typing import Any
 
 from draftsmith import tracking
 from draftsmith.embedded.build import heldout_conversations
-from draftsmith.embedded.conversations import generate_conversations
+from draftsmith.embedded.conversations import Conversation, conversation_key, generate_conversations
 from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.recipe.schema import Recipe
 
@@ -40,7 +40,7 @@ class PromptsStage(Stage):
         corpus = recipe.base.embedded.corpus
         conversations = generate_conversations(
             recipe.data.num_prompts, corpus.seed + _PROMPT_SEED_OFFSET, tuple(corpus.families),
-            corpus.recall_share, exclude_keys=frozenset(r["conversation_id"].split("-", 1)[1] for r in heldout),
+            corpus.recall_share, exclude_keys=frozenset(conversation_key(Conversation.from_record(r)) for r in heldout),
         )
         with open(out_dir / PROMPTS_FILE, "w") as f:
             for conv in conversations:

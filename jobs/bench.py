@@ -1,0 +1,48 @@
+"""Run the benchmarks of the stages that exist on a recipe's embedded base; write bench-results/results.md.
+
+    python -m jobs.bench --recipe tiny-eagle3 [--rebuild]
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import ray
+
+from draftsmith import cluster, tracking
+from draftsmith.bench.embedded_base import build_section, throughput_section
+from draftsmith.bench.report import write_results
+from draftsmith.cli import parse_recipe, recipe_parser, run_main
+from draftsmith.embedded.build import build_embedded_base
+from draftsmith.provenance import command_line
+
+
+def main() -> int:
+    parser = recipe_parser(__doc__.splitlines()[0])
+    parser.add_argument("--rebuild", action="store_true",
+                        help="build the base afresh in a temporary cache, so build time and memory are measured now")
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args()
+    recipe = parse_recipe(args)
+    if recipe.base.model != "embedded":
+        raise ValueError("the benchmarks run on the embedded base; use a recipe with `base.model: embedded`")
+    if args.rebuild:
+        os.environ["DRAFTSMITH_CACHE_DIR"] = tempfile.mkdtemp(prefix="draftsmith-bench-")
+    tracking.configure(recipe.tracking, recipe.output_dir)
+    with tracking.start_run("bench", tags={"draftsmith.recipe": recipe.name}):
+        cluster.connect(recipe.ray)
+        try:
+            model_dir = build_embedded_base(recipe.base.embedded, tracking_uri=tracking.current_uri())
+        finally:
+            ray.shutdown()  # free the cores before measuring generation
+        sections = [build_section(model_dir), throughput_section(model_dir)]
+        results = write_results(sections, Path(args.out), command_line())
+        tracking.log_artifact(results.parent)
+    print(results.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
