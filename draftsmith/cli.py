@@ -11,10 +11,11 @@ from draftsmith.base_model import BaseModelError
 from draftsmith.cluster import ClusterError
 from draftsmith.recipe.loader import RecipeError, load_recipe
 from draftsmith.recipe.schema import Recipe
+from draftsmith.synthesis.synthesize import SynthesisError
 from draftsmith.tracking import TrackingError
 
 # Errors that mean "the user must change something": one clear line each, exit code 2, no traceback.
-USER_ERRORS = (RecipeError, BaseModelError, TrackingError, ClusterError, ValueError, FileNotFoundError)
+USER_ERRORS = (RecipeError, BaseModelError, TrackingError, ClusterError, SynthesisError, ValueError, FileNotFoundError)
 
 
 def recipe_parser(description: str) -> argparse.ArgumentParser:

@@ -49,7 +49,8 @@ def test_ray_job_submit_runs_the_pipeline(tiny_base, head_node, tmp_path):
     overrides = [a for o in [f"output_dir={out}", *TINY_BASE_OVERRIDES] for a in ("--set", o)]
     cmd = [RAY, "job", "submit", "--address", head_node, "--working-dir", str(ROOT),
                 "--runtime-env", str(ROOT / "platform" / "runtime_env.yaml"), "--",
-           sys.executable, "-m", "jobs.pipeline", "--recipe", "tiny-eagle3", *overrides]
+           sys.executable, "-m", "jobs.pipeline", "--recipe", "tiny-eagle3", "--until", "prompts",
+           *overrides]
     for _ in range(20):  # the head's job agent registers a few seconds after the dashboard answers
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                                 env=clean_env(RAY_AUTH_MODE="disabled"))

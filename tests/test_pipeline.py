@@ -69,7 +69,8 @@ def _summary(stdout: str) -> dict:
 
 @pytest.mark.slow
 def test_pipeline_job_runs_then_skips(tiny_base, mlflow_server, tmp_path):
-    args = ["--recipe", "tiny-eagle3", "--set", f"output_dir={tmp_path}", "--set", f"tracking.uri={mlflow_server}"]
+    args = ["--recipe", "tiny-eagle3", "--until", "prompts", "--set", f"output_dir={tmp_path}",
+            "--set", f"tracking.uri={mlflow_server}"]
     for override in TINY_BASE_OVERRIDES:
         args += ["--set", override]
     first = run_job("jobs.pipeline", *args)
@@ -77,7 +78,7 @@ def test_pipeline_job_runs_then_skips(tiny_base, mlflow_server, tmp_path):
     summary = _summary(first.stdout)
     assert summary["base"]["outputs"]["model_dir"] == str(tiny_base)
     assert not summary["prompts"]["skipped"]
-    prompts = Path(summary["prompts"]["outputs"]["sources"][0]).read_text().splitlines()
+    prompts = Path(summary["prompts"]["outputs"]["sources"][0]["path"]).read_text().splitlines()
     assert len(prompts) == 40 and "messages" in json.loads(prompts[0])
 
     again = run_job("jobs.pipeline", *args)

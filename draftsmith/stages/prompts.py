@@ -21,6 +21,7 @@ _PROMPT_SEED_OFFSET = 7
 
 class PromptsStage(Stage):
     name = "prompts"
+    version = 2  # sources carry their format
     depends_on = ("base",)
 
     def settings(self, recipe: Recipe) -> dict[str, Any]:
@@ -33,8 +34,8 @@ class PromptsStage(Stage):
         recipe = ctx.recipe
         if recipe.data.sources:
             # User datasets are read, validated and quarantined by synthesis; this stage only records them.
-            return {"sources": [str(Path(s.path).expanduser().resolve()) for s in recipe.data.sources],
-                    "generated": False}
+            return {"sources": [{"path": str(Path(s.path).expanduser().resolve()), "format": s.format}
+                                for s in recipe.data.sources], "generated": False}
         base_dir = Path(ctx.upstream["base"].outputs["model_dir"])
         heldout = heldout_conversations(base_dir)
         corpus = recipe.base.embedded.corpus
@@ -49,5 +50,6 @@ class PromptsStage(Stage):
             for record in heldout:
                 f.write(json.dumps(record) + "\n")
         tracking.log_metrics({"prompts": len(conversations), "heldout": len(heldout)})
-        return {"sources": [str(out_dir / PROMPTS_FILE)], "heldout": str(out_dir / HELDOUT_FILE),
+        return {"sources": [{"path": str(out_dir / PROMPTS_FILE), "format": "openai"}],
+                "heldout": str(out_dir / HELDOUT_FILE),
                 "generated": True}

@@ -1,0 +1,29 @@
+"""Run a recipe's stages (all, or up to one) against Ray and MLflow: what every job entry point calls."""
+
+from __future__ import annotations
+
+import ray
+
+from draftsmith import cluster, tracking
+from draftsmith.pipeline.runner import run_pipeline
+from draftsmith.pipeline.stage import StageResult
+from draftsmith.recipe.schema import Recipe
+from draftsmith.stages import pipeline_stages
+
+
+def run_recipe(recipe: Recipe, until: str | None = None) -> dict[str, StageResult]:
+    """Check inputs, connect to MLflow and Ray, run the stages; earlier finished stages are skipped."""
+    stages = pipeline_stages(until)
+    for stage in stages:  # bad inputs (e.g. a base folder that is no causal LM) fail before anything starts
+        stage.settings(recipe)
+    tracking.configure(recipe.tracking, recipe.output_dir)
+    cluster.connect(recipe.ray)
+    try:
+        return run_pipeline(recipe, stages)
+    finally:
+        ray.shutdown()
+
+
+def summary(results: dict[str, StageResult]) -> dict:
+    return {name: {"skipped": r.skipped, "directory": str(r.directory), "outputs": r.outputs}
+            for name, r in results.items()}

@@ -1,0 +1,48 @@
+"""Stage `synthesize`: the base model answers the prompt conversations turn by turn (Ray Data + vLLM)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from draftsmith import tracking
+from draftsmith.pipeline.stage import Stage, StageContext
+from draftsmith.recipe.schema import Recipe
+from draftsmith.synthesis.synthesize import MANIFEST, QUARANTINE_DIR, SynthesisError, synthesize_conversations
+
+SAMPLE_SIZE = 20
+
+
+class SynthesizeStage(Stage):
+    name = "synthesize"
+    depends_on = ("base", "prompts")
+
+    def settings(self, recipe: Recipe) -> dict[str, Any]:
+        # The openai engine's endpoint and concurrency do not change what is written: keep them out of the hash.
+        synthesis = recipe.synthesis.model_dump(mode="json", exclude={"concurrency", "batch_size", "openai"})
+        return {"synthesis": synthesis, "max_bad_share": recipe.data.max_bad_share}
+
+    def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+        recipe = ctx.recipe
+        sources = [(s["path"], s["format"]) for s in ctx.upstream["prompts"].outputs["sources"]]
+        model_dir = Path(ctx.upstream["base"].outputs["model_dir"])
+        tracking.set_tags({"draftsmith.synthesis.engine": recipe.synthesis.engine,
+                           "draftsmith.synthesis.output": str(out_dir)})
+        try:
+            summary = synthesize_conversations(sources, model_dir, recipe.synthesis, out_dir,
+                                               recipe.data.max_bad_share)
+        except SynthesisError:
+            tracking.log_artifact(out_dir / MANIFEST)
+            tracking.log_artifact(out_dir / QUARANTINE_DIR, artifact_path="quarantine")
+            raise
+        tracking.log_metrics({k: summary[k] for k in ("read", "duplicates", "written", "quarantined",
+                                                      "bad_share", "generated_tokens", "tokens_per_s")})
+        tracking.log_artifact(out_dir / MANIFEST)
+        tracking.log_artifact(out_dir / QUARANTINE_DIR, artifact_path="quarantine")
+        with open(summary["shards"][0]) as f:
+            sample = [json.loads(line) for line in itertools.islice(f, SAMPLE_SIZE)]
+        tracking.log_dict(sample, "sample_conversations.json")
+        return {"conversations": summary["shards"], "output_dir": summary["output_dir"],
+                "written": summary["written"], "quarantined": summary["quarantined"], "read": summary["read"]}

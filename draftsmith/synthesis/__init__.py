@@ -1,0 +1,1 @@
+"""Synthesis: the base model regenerates every assistant turn of the prompt conversations."""

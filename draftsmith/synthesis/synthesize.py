@@ -1,0 +1,211 @@
+"""Regenerate every assistant turn with the base model, turn by turn, in rounds over the whole dataset.
+
+Round k answers user turn k of every conversation still going, given the regenerated turns before it, as one
+batched pass through the engines. Conversations are split into shards up front; after each round each shard's
+state is written atomically, so a killed run resumes at the last finished (shard, round) and a finished shard
+is never written twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, AutoTokenizer
+
+from draftsmith.recipe.schema import SynthesisSettings
+from draftsmith.synthesis.engines import RoundEngine, make_engine
+from draftsmith.synthesis.records import BadRecord, PromptConversation, read_prompt_conversations
+
+log = logging.getLogger(__name__)
+
+OUTPUT_DIR = "conversations"
+STATE_DIR = "state"
+QUARANTINE_DIR = "quarantine"
+MANIFEST = "manifest.json"
+
+
+class SynthesisError(RuntimeError):
+    """Synthesis finished but its output cannot be trusted (too many bad records)."""
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _initial_state(conv: PromptConversation) -> dict[str, Any]:
+    return {"conversation_id": conv.conversation_id, "user_turns": conv.user_turns,
+            "messages": [{"role": "system", "content": conv.system}] if conv.system else [],
+            "source": {"file": conv.source, "line": conv.line}, "turns": [], "done": False,
+            "truncated": False, "error": ""}
+
+
+def _seed(conversation_id: str, turn: int) -> int:
+    """Per-request sampling seed: a resumed run samples exactly what the killed one would have."""
+    return int.from_bytes(hashlib.sha256(f"{conversation_id}/{turn}".encode()).digest()[:4], "little") >> 1
+
+
+class RoundRunner:
+    """Runs the rounds for the pending shards and writes their state files."""
+
+    def __init__(self, out_dir: Path, settings: SynthesisSettings, tokenizer, engine: RoundEngine):
+        self.out_dir, self.settings, self.tokenizer, self.engine = out_dir, settings, tokenizer, engine
+        self.generated_tokens = 0
+
+    def state_file(self, round_index: int, shard: int) -> Path:
+        return self.out_dir / STATE_DIR / f"round-{round_index:02d}" / f"shard-{shard:05d}.jsonl"
+
+    def _prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        return len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"])
+
+    def run_round(self, k: int, states: dict[int, list[dict]]) -> None:
+        sampling = self.settings.sampling
+        requests, waiting = [], {}
+        for shard, convs in states.items():
+            waiting[shard] = 0
+            for index, st in enumerate(convs):
+                if st["done"] or k >= len(st["user_turns"]):
+                    continue
+                prompt = st["messages"] + [{"role": "user", "content": st["user_turns"][k]}]
+                budget = sampling.max_total_tokens - self._prompt_tokens(prompt)
+                if budget <= 0:  # no room for an answer: the conversation ends at the previous turn
+                    st["done"], st["truncated"] = True, True
+                    continue
+                max_tokens = min(sampling.max_tokens_per_turn, budget)
+                requests.append({"key": f"{shard}:{index}", "messages": prompt, "max_tokens": max_tokens,
+                                 "seed": _seed(st["conversation_id"], k)})
+                st["_budget"] = budget
+                waiting[shard] += 1
+        for shard in [s for s, n in waiting.items() if n == 0]:
+            self._finish_shard(k, shard, states[shard])
+        if not requests:
+            return
+        log.info("round %d: %d requests from %d shards", k + 1, len(requests), len(states))
+        for result in self.engine.answer(requests):
+            shard, index = map(int, str(result["key"]).split(":"))
+            self._apply(states[shard][index], k, result)
+            waiting[shard] -= 1
+            if waiting[shard] == 0:
+                self._finish_shard(k, shard, states[shard])
+        unanswered = {s: n for s, n in waiting.items() if n > 0}
+        assert not unanswered, f"the engine dropped requests of shards {unanswered}"
+
+    def _apply(self, st: dict, k: int, result: dict) -> None:
+        budget = st.pop("_budget")
+        if result["error"]:
+            st["done"], st["error"] = True, f"engine error on turn {k + 1}: {result['error'][:500]}"
+            return
+        tokens = int(result["generated_tokens"])
+        self.generated_tokens += tokens
+        cut_by_total_limit = budget < self.settings.sampling.max_tokens_per_turn and tokens >= budget
+        if result["finish_reason"] == "length" and cut_by_total_limit:
+            st["done"], st["truncated"] = True, True  # the answer did not fit: end at the previous turn
+            return
+        st["messages"] += [{"role": "user", "content": st["user_turns"][k]},
+                           {"role": "assistant", "content": result["text"]}]
+        st["turns"].append({"generated_tokens": tokens, "finish_reason": result["finish_reason"]})
+
+    def _finish_shard(self, k: int, shard: int, convs: list[dict]) -> None:
+        _write_jsonl(self.state_file(k, shard), convs)
+
+
+def _output_record(st: dict) -> dict:
+    return {"conversation_id": st["conversation_id"], "messages": st["messages"], "source": st["source"],
+            "stats": {"turns": st["turns"], "generated_tokens": sum(t["generated_tokens"] for t in st["turns"]),
+                      "truncated": st["truncated"]}}
+
+
+def _quarantine_reason(st: dict) -> str | None:
+    if st["error"]:
+        return st["error"]
+    if not st["turns"]:
+        return "over the length limit: not even the first turn fits synthesis.sampling.max_total_tokens"
+    return None
+
+
+def synthesize_conversations(
+    sources: list[tuple[str, str]], model_dir: Path, settings: SynthesisSettings, out_dir: Path,
+    max_bad_share: float, engine: RoundEngine | None = None,
+) -> dict[str, Any]:
+    """Answer every conversation of `sources` with the base in `model_dir`; returns the counts.
+
+    Output: OUT/conversations/shard-NNNNN.jsonl (OpenAI chat format with conversation_id and generation
+    stats), OUT/quarantine/*.jsonl (source, line, reason) and OUT/manifest.json.
+    """
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    limit = settings.sampling.max_total_tokens
+    positions = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    if limit > positions:
+        log.warning("synthesis.sampling.max_total_tokens=%d exceeds the base's %d positions; using %d",
+                    limit, positions, positions)
+        settings = settings.model_copy(deep=True)
+        settings.sampling.max_total_tokens = limit = positions
+    convs, bad, read, duplicates = read_prompt_conversations(
+        sources, max_turn_tokens=limit, count_tokens=lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]))
+    _write_jsonl(out_dir / QUARANTINE_DIR / "read.jsonl", (b.to_json() for b in bad))
+    shards = [convs[i: i + settings.shard_size] for i in range(0, len(convs), settings.shard_size)]
+    final = [out_dir / OUTPUT_DIR / f"shard-{i:05d}.jsonl" for i in range(len(shards))]
+    pending = [i for i in range(len(shards)) if not final[i].is_file()]
+    log.info("synthesis: %d records read, %d conversations (%d duplicates dropped, %d quarantined), "
+             "%d of %d shards to do", read, len(convs), duplicates, len(bad), len(pending), len(shards))
+
+    runner = None
+    if pending:
+        runner = RoundRunner(out_dir, settings, tokenizer,
+                             engine or make_engine(settings, model_dir, max_model_len=limit))
+        rounds = max(len(c.user_turns) for i in pending for c in shards[i])
+        for k in range(rounds):
+            states = {}
+            for i in pending:
+                if runner.state_file(k, i).is_file():
+                    continue  # this shard finished round k before an interruption
+                previous = runner.state_file(k - 1, i)
+                states[i] = _read_jsonl(previous) if k > 0 else [_initial_state(c) for c in shards[i]]
+            if states:
+                runner.run_round(k, states)
+        for i in pending:
+            last = _read_jsonl(runner.state_file(rounds - 1, i))
+            _write_jsonl(out_dir / QUARANTINE_DIR / f"shard-{i:05d}.jsonl",
+                         (BadRecord(st["source"]["file"], st["source"]["line"], reason,
+                                    json.dumps(st["messages"])).to_json()
+                          for st in last if (reason := _quarantine_reason(st))))
+            _write_jsonl(final[i], (_output_record(st) for st in last if _quarantine_reason(st) is None))
+    return _summarise(out_dir, final, read, duplicates, max_bad_share, runner, time.perf_counter() - started)
+
+
+def _summarise(out_dir: Path, final: list[Path], read: int, duplicates: int, max_bad_share: float,
+               runner: RoundRunner | None, seconds: float) -> dict[str, Any]:
+    written = sum(1 for path in final for _ in open(path))
+    quarantined = sum(1 for path in (out_dir / QUARANTINE_DIR).glob("*.jsonl") for _ in open(path))
+    generated = runner.generated_tokens if runner else 0
+    summary = {
+        "read": read, "duplicates": duplicates, "written": written, "quarantined": quarantined,
+        "bad_share": quarantined / max(1, read), "generated_tokens": generated,
+        "tokens_per_s": generated / seconds if runner else 0.0, "seconds": seconds,
+        "shards": [str(p) for p in final], "output_dir": str(out_dir / OUTPUT_DIR),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(summary, indent=2))
+    if summary["bad_share"] > max_bad_share:
+        raise SynthesisError(
+            f"{quarantined} of {read} records ({summary['bad_share']:.1%}) were quarantined, over "
+            f"data.max_bad_share={max_bad_share:.1%}; see {out_dir / QUARANTINE_DIR} for each source, line and "
+            "reason, fix the data or raise the threshold")
+    return summary
