@@ -14,6 +14,7 @@ import ray
 from draftsmith import cluster, tracking
 from draftsmith.bench.embedded_base import build_section, throughput_section
 from draftsmith.bench.report import write_results
+from draftsmith.bench.synthesis import synthesis_section
 from draftsmith.cli import parse_recipe, recipe_parser, run_main
 from draftsmith.embedded.build import build_embedded_base
 from draftsmith.provenance import command_line
@@ -35,9 +36,10 @@ def main() -> int:
         cluster.connect(recipe.ray)
         try:
             model_dir = build_embedded_base(recipe.base.embedded, tracking_uri=tracking.current_uri())
+            synthesis = synthesis_section(model_dir, recipe.synthesis)
         finally:
-            ray.shutdown()  # free the cores before measuring generation
-        sections = [build_section(model_dir), throughput_section(model_dir)]
+            ray.shutdown()  # free the cores before measuring plain generation
+        sections = [build_section(model_dir), throughput_section(model_dir), synthesis]
         results = write_results(sections, Path(args.out), command_line())
         tracking.log_artifact(results.parent)
     print(results.read_text())

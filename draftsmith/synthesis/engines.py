@@ -78,14 +78,11 @@ class _OpenAIClientPool:
 
     def __init__(self, base_url: str, model: str, api_key: str | None, max_concurrency: int, max_retries: int,
                  timeout_s: float, temperature: float, top_p: float):
-        import httpx
-
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self.base_url, self.timeout_s, self.max_concurrency = base_url.rstrip("/"), timeout_s, max_concurrency
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.model, self.max_retries = model, max_retries
         self.sampling = {"temperature": temperature, "top_p": top_p}
-        self.limit = asyncio.Semaphore(max_concurrency)
-        self.loop = asyncio.new_event_loop()
+        self.client = self.limit = None  # made inside Ray Data's event loop, which runs async UDFs
 
     async def _one(self, request: dict[str, Any]) -> dict[str, Any]:
         import httpx
@@ -112,12 +109,18 @@ class _OpenAIClientPool:
         return {"key": request["key"], "text": "", "generated_tokens": 0, "finish_reason": "error",
                 "error": error}
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+    async def __call__(self, batch: dict[str, Any]):
+        import httpx
+
+        if self.client is None:
+            self.client = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout_s)
+            self.limit = asyncio.Semaphore(self.max_concurrency)
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         for row in rows:  # Arrow hands back numpy arrays of structs; the client wants plain lists
             row["messages"] = [dict(m) for m in row["messages"]]
-        results = self.loop.run_until_complete(asyncio.gather(*(self._one(r) for r in rows)))
-        return {key: [r[key] for r in results] for key in results[0]} if results else {}
+        results = await asyncio.gather(*(self._one(r) for r in rows))
+        if results:
+            yield {key: [r[key] for r in results] for key in results[0]}
 
 
 def resolve_openai_model(base_url: str, api_key: str | None, timeout_s: float = 10.0) -> str:

@@ -128,6 +128,7 @@ def read_prompt_conversations(
     conversations: list[PromptConversation] = []
     bad: list[BadRecord] = []
     seen: set[str] = set()
+    ids: set[str] = set()
     read = duplicates = 0
     for path_text, fmt in sources:
         for path in source_files(path_text):
@@ -151,5 +152,8 @@ def read_prompt_conversations(
                     duplicates += 1
                     continue
                 seen.add(conv.content_key)
+                if conv.conversation_id in ids:  # a reused id on different content: keep both, apart
+                    conv.conversation_id = f"{conv.conversation_id}-{conv.content_key[:8]}"
+                ids.add(conv.conversation_id)
                 conversations.append(conv)
     return conversations, bad, read, duplicates

@@ -1,0 +1,84 @@
+"""A small real OpenAI-compatible HTTP server for tests: transformers greedy generation on loopback.
+
+It stands in for `vllm serve` / `trtllm-serve` where their start-up would dominate a test, and can misbehave
+on purpose: a user turn containing FAIL500 always gets HTTP 500, one containing FLAKY gets 429 the first time.
+Every request body is recorded, so tests can check what the client sent.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+class OpenAITestServer:
+    def __init__(self, model_dir: Path, api_key: str | None = None):
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.api_key, self.requests, self.lock, self.flaky_seen = api_key, [], threading.Lock(), set()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+    def complete(self, messages: list[dict], max_tokens: int) -> tuple[str, int, str]:
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)
+        with self.lock, torch.inference_mode():
+            out = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
+                                      eos_token_id=self.tokenizer.eos_token_id,
+                                      pad_token_id=self.tokenizer.pad_token_id)[0, enc["input_ids"].shape[1]:].tolist()
+        stopped = self.tokenizer.eos_token_id in out
+        if stopped:
+            out = out[: out.index(self.tokenizer.eos_token_id) + 1]
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        return text, len(out), "stop" if stopped else "length"
+
+    def _handler(server):  # noqa: N805 - the handler class closes over the server object
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _authorised(self) -> bool:
+                if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    self._send(401, {"error": {"message": "bad key", "type": "invalid_request_error"}})
+                    return False
+                return True
+
+            def do_GET(self):
+                if self._authorised():
+                    self._send(200, {"object": "list", "data": [{"id": "tiny-base", "object": "model"}]})
+
+            def do_POST(self):
+                if not self._authorised():
+                    return
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append(body)
+                last = body["messages"][-1]["content"]
+                if "FAIL500" in last:
+                    return self._send(500, {"error": {"message": "injected failure"}})
+                if "FLAKY" in last and last not in server.flaky_seen:
+                    server.flaky_seen.add(last)
+                    return self._send(429, {"error": {"message": "slow down"}})
+                text, tokens, reason = server.complete(body["messages"], body.get("max_tokens", 64))
+                self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": reason,
+                                              "message": {"role": "assistant", "content": text}}],
+                                 "usage": {"completion_tokens": tokens}})
+
+        return Handler
