@@ -136,3 +136,29 @@ def test_vllm_synthesis_resumes_after_a_kill_without_duplicates_or_losses(tiny_b
     expected = [o["messages"][1]["content"] for o in sample] + [o["messages"][3]["content"] for o in sample]
     agree = sum(d["text"] == e for d, e in zip(direct, expected, strict=True))
     assert agree >= len(expected) - 1  # fp32 both ways; allow one near-tie
+
+
+def test_long_conversations_end_at_a_turn_boundary(tiny_base, local_ray, tmp_path):
+    server = OpenAITestServer(tiny_base)
+    try:
+        long_turn = "Sort these numbers in ascending order: " + ", ".join(str(i) for i in range(40, 61)) + "."
+        data = tmp_path / "prompts.jsonl"
+        data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [
+            [{"role": "user", "content": "What is 12 + 34?"}, {"role": "assistant", "content": "x"},
+             {"role": "user", "content": long_turn}],
+            [{"role": "system", "content": long_turn}, {"role": "user", "content": long_turn}],
+        ]))
+        recipe = load_recipe("tiny-eagle3", ["synthesis.engine=openai", f"synthesis.openai.base_url={server.url}",
+                                             "synthesis.sampling.max_total_tokens=120",
+                                             "synthesis.sampling.max_tokens_per_turn=24"])
+        out = tmp_path / "out"
+        summary = synthesize_conversations([(str(data), "openai")], tiny_base, recipe.synthesis, out,
+                                           max_bad_share=1.0)
+        assert (summary["written"], summary["quarantined"]) == (1, 1)
+        [kept] = _outputs(out)
+        assert kept["stats"]["truncated"] and len(kept["stats"]["turns"]) == 1
+        assert [m["role"] for m in kept["messages"]] == ["user", "assistant"]
+        [dropped] = [json.loads(line) for line in (out / "quarantine" / "shard-00000.jsonl").read_text().splitlines()]
+        assert "over the length limit" in dropped["reason"] and dropped["line"] == 2
+    finally:
+        server.close()
