@@ -21,7 +21,7 @@ _PROMPT_SEED_OFFSET = 7
 
 class PromptsStage(Stage):
     name = "prompts"
-    version = 2  # sources carry their format
+    version = 3  # sources carry their format, as absolute paths
     depends_on = ("base",)
 
     def settings(self, recipe: Recipe) -> dict[str, Any]:
@@ -50,6 +50,6 @@ class PromptsStage(Stage):
             for record in heldout:
                 f.write(json.dumps(record) + "\n")
         tracking.log_metrics({"prompts": len(conversations), "heldout": len(heldout)})
-        return {"sources": [{"path": str(out_dir / PROMPTS_FILE), "format": "openai"}],
-                "heldout": str(out_dir / HELDOUT_FILE),
+        return {"sources": [{"path": str((out_dir / PROMPTS_FILE).resolve()), "format": "openai"}],
+                "heldout": str((out_dir / HELDOUT_FILE).resolve()),
                 "generated": True}
