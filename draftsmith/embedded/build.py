@@ -21,6 +21,7 @@ from draftsmith.embedded.exact_match import exact_match_report, greedy_answers, 
 from draftsmith.embedded.packing import pack_conversations
 from draftsmith.embedded.pretrain import llama_config, pretrain_base
 from draftsmith.embedded.tokenizer import conversation_texts, save_tokenizer, train_tokenizer
+from draftsmith.jsonl import read_jsonl, write_jsonl
 from draftsmith.monitoring import PeakMemory
 from draftsmith.pipeline.stage import read_done, write_done
 from draftsmith.plots import bar_plot, line_plot
@@ -56,13 +57,6 @@ def _build_lock(directory: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _write_jsonl(path: Path, conversations: list[Conversation]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for conv in conversations:
-            f.write(json.dumps(conv.to_record()) + "\n")
 
 
 def evaluate_exact_match(model_dir: Path, heldout: list[Conversation], max_new_tokens: int = 96) -> dict:
@@ -101,8 +95,8 @@ def _build_into(out: Path, settings: EmbeddedBase, tracking_uri: str | None, run
     with PeakMemory() as memory:
         train, heldout = train_and_heldout(corpus.num_train, corpus.num_heldout, corpus.seed,
                                            tuple(corpus.families), corpus.recall_share)
-        _write_jsonl(out / TRAIN_FILE, train)
-        _write_jsonl(out / HELDOUT_FILE, heldout)
+        write_jsonl(out / TRAIN_FILE, (c.to_record() for c in train))
+        write_jsonl(out / HELDOUT_FILE, (c.to_record() for c in heldout))
 
         tokenizer = train_tokenizer(conversation_texts(c.messages() for c in train),
                                     settings.architecture.vocab_size)
@@ -160,5 +154,4 @@ def build_report(model_dir: Path) -> dict:
 
 def heldout_conversations(model_dir: Path) -> list[dict]:
     """The held-out conversations (OpenAI format records) the base was judged on."""
-    with open(Path(model_dir) / HELDOUT_FILE) as f:
-        return [json.loads(line) for line in f]
+    return read_jsonl(Path(model_dir) / HELDOUT_FILE)

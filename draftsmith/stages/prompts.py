@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from draftsmith import tracking
 from draftsmith.embedded.build import heldout_conversations
 from draftsmith.embedded.conversations import Conversation, conversation_key, generate_conversations
+from draftsmith.jsonl import write_jsonl
 from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.recipe.schema import Recipe
 
@@ -43,12 +43,8 @@ class PromptsStage(Stage):
             recipe.data.num_prompts, corpus.seed + _PROMPT_SEED_OFFSET, tuple(corpus.families),
             corpus.recall_share, exclude_keys=frozenset(conversation_key(Conversation.from_record(r)) for r in heldout),
         )
-        with open(out_dir / PROMPTS_FILE, "w") as f:
-            for conv in conversations:
-                f.write(json.dumps(conv.to_record()) + "\n")
-        with open(out_dir / HELDOUT_FILE, "w") as f:
-            for record in heldout:
-                f.write(json.dumps(record) + "\n")
+        write_jsonl(out_dir / PROMPTS_FILE, (c.to_record() for c in conversations))
+        write_jsonl(out_dir / HELDOUT_FILE, heldout)
         tracking.log_metrics({"prompts": len(conversations), "heldout": len(heldout)})
         return {"sources": [{"path": str((out_dir / PROMPTS_FILE).resolve()), "format": "openai"}],
                 "heldout": str((out_dir / HELDOUT_FILE).resolve()),

@@ -20,9 +20,13 @@ class SynthesizeStage(Stage):
     depends_on = ("base", "prompts")
 
     def settings(self, recipe: Recipe) -> dict[str, Any]:
-        # The openai engine's endpoint and concurrency do not change what is written: keep them out of the hash.
-        synthesis = recipe.synthesis.model_dump(mode="json", exclude={"concurrency", "batch_size", "openai"})
-        return {"synthesis": synthesis, "max_bad_share": recipe.data.max_bad_share}
+        # Parallelism, retries, timeouts and the bad-share threshold do not change what is written: keep them
+        # out of the fingerprint, so raising the threshold after a failed run reuses its work. shard_size stays
+        # in: resumable state is laid out by shard.
+        synthesis = recipe.synthesis.model_dump(mode="json", exclude={
+            "concurrency": True, "batch_size": True,
+            "openai": {"max_concurrency", "max_retries", "timeout_s", "api_key_env"}})
+        return {"synthesis": synthesis}
 
     def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         recipe = ctx.recipe

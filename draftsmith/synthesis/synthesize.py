@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer
 
+from draftsmith.jsonl import read_jsonl, write_jsonl
 from draftsmith.recipe.schema import SynthesisSettings
 from draftsmith.synthesis.engines import RoundEngine, make_engine
 from draftsmith.synthesis.records import BadRecord, PromptConversation, read_prompt_conversations
@@ -33,20 +32,6 @@ MANIFEST = "manifest.json"
 
 class SynthesisError(RuntimeError):
     """Synthesis finished but its output cannot be trusted (too many bad records)."""
-
-
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _initial_state(conv: PromptConversation) -> dict[str, Any]:
@@ -123,7 +108,7 @@ class RoundRunner:
         st["turns"].append({"generated_tokens": tokens, "finish_reason": result["finish_reason"]})
 
     def _finish_shard(self, k: int, shard: int, convs: list[dict]) -> None:
-        _write_jsonl(self.state_file(k, shard), convs)
+        write_jsonl(self.state_file(k, shard), convs)
 
 
 def _output_record(st: dict) -> dict:
@@ -160,7 +145,7 @@ def synthesize_conversations(
         settings.sampling.max_total_tokens = limit = positions
     convs, bad, read, duplicates = read_prompt_conversations(
         sources, max_turn_tokens=limit, count_tokens=lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]))
-    _write_jsonl(out_dir / QUARANTINE_DIR / "read.jsonl", (b.to_json() for b in bad))
+    write_jsonl(out_dir / QUARANTINE_DIR / "read.jsonl", (b.to_json() for b in bad))
     shards = [convs[i: i + settings.shard_size] for i in range(0, len(convs), settings.shard_size)]
     final = [out_dir / OUTPUT_DIR / f"shard-{i:05d}.jsonl" for i in range(len(shards))]
     pending = [i for i in range(len(shards)) if not final[i].is_file()]
@@ -178,16 +163,16 @@ def synthesize_conversations(
                 if runner.state_file(k, i).is_file():
                     continue  # this shard finished round k before an interruption
                 previous = runner.state_file(k - 1, i)
-                states[i] = _read_jsonl(previous) if k > 0 else [_initial_state(c) for c in shards[i]]
+                states[i] = read_jsonl(previous) if k > 0 else [_initial_state(c) for c in shards[i]]
             if states:
                 runner.run_round(k, states)
         for i in pending:
-            last = _read_jsonl(runner.state_file(rounds - 1, i))
-            _write_jsonl(out_dir / QUARANTINE_DIR / f"shard-{i:05d}.jsonl",
+            last = read_jsonl(runner.state_file(rounds - 1, i))
+            write_jsonl(out_dir / QUARANTINE_DIR / f"shard-{i:05d}.jsonl",
                          (BadRecord(st["source"]["file"], st["source"]["line"], reason,
                                     json.dumps(st["messages"])).to_json()
                           for st in last if (reason := _quarantine_reason(st))))
-            _write_jsonl(final[i], (_output_record(st) for st in last if _quarantine_reason(st) is None))
+            write_jsonl(final[i], (_output_record(st) for st in last if _quarantine_reason(st) is None))
     return _summarise(out_dir, final, read, duplicates, max_bad_share, runner, time.perf_counter() - started)
 
 
