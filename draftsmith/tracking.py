@@ -129,17 +129,8 @@ def log_dict(data: Any, artifact_file: str) -> None:
     mlflow.log_dict(data, artifact_file)
 
 
-def log_figure(figure, artifact_file: str) -> None:
-    mlflow.log_figure(figure, artifact_file)
-
-
 def set_tags(tags: Mapping[str, str]) -> None:
     mlflow.set_tags(dict(tags))
-
-
-def download_artifacts(run_id: str, artifact_path: str, dst: str | Path | None = None) -> Path:
-    dst = dst or tempfile.mkdtemp(prefix="draftsmith-artifacts-")
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
 
 
 # ------------------------------------------------------------------------------------------ model registry

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import logging
 import shutil
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from collections.abc import Iterator
 
 import torch
+from safetensors import safe_open
 from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
 from draftsmith import tracking
@@ -118,7 +120,7 @@ def _build_into(out: Path, settings: EmbeddedBase, tracking_uri: str | None, run
         "train_seconds": train_seconds,
         "peak_memory_bytes": memory.peak_bytes,
         "vocab_size": len(tokenizer),
-        "num_parameters": sum(p.numel() for p in LlamaForCausalLM(model_config).parameters()),
+        "num_parameters": _count_parameters(out),
         "packed_rows": int(len(rows["input_ids"])),
         "train_metrics": train_metrics,
         **quality,
@@ -133,6 +135,15 @@ def _build_into(out: Path, settings: EmbeddedBase, tracking_uri: str | None, run
     log.info("embedded base built in %.0f s: exact match %.3f, EOS share %.3f, per family %s",
              report["build_seconds"], quality["exact_match"], quality["eos_share"], quality["per_family"])
     return report
+
+
+def _count_parameters(model_dir: Path) -> int:
+    """Parameters in the saved weights, read from the safetensors headers without loading the tensors."""
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total
 
 
 def _plot(out: Path, run_id: str, quality: dict) -> None:
