@@ -37,9 +37,11 @@ def run_vllm_chat(model: str | Path, conversations: list[list[dict[str, str]]], 
 def _generate(args: argparse.Namespace) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
+    from draftsmith.engines.vllm_cpu import cpu_engine_kwargs
+
     conversations = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
-              enable_prefix_caching=False)
+    kwargs = {**cpu_engine_kwargs(), "dtype": args.dtype} if args.device == "cpu" else {"dtype": args.dtype}
+    llm = LLM(model=args.model, max_model_len=args.max_model_len, seed=0, enable_prefix_caching=False, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     started = time.perf_counter()
     outputs = llm.chat(conversations, params, use_tqdm=False)
@@ -59,6 +61,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     args = parser.parse_args()
     Path(args.out).write_text(json.dumps(_generate(args)))
 

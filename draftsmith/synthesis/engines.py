@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import ray
 
+from draftsmith.engines.vllm_cpu import cpu_engine_kwargs
 from draftsmith.recipe.schema import SynthesisSettings
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class VLLMRoundEngine:
         s = self.settings
         engine_kwargs: dict[str, Any] = {"max_model_len": self.max_model_len, "enable_prefix_caching": True}
         if not s.use_gpu:
-            engine_kwargs["dtype"] = "float32"
+            engine_kwargs.update(cpu_engine_kwargs())
         if s.quantized_base:
             engine_kwargs["quantization"] = "modelopt"
         config = vLLMEngineProcessorConfig(
