@@ -81,13 +81,17 @@ class BaseModelSettings(Strict):
 class EagleSettings(Strict):
     num_layers: int = Field(1, gt=0, description="Decoder layers in the draft.")
     draft_vocab_size: int | None = Field(
-        None, gt=0, description="EAGLE-3 reduced vocabulary (d2t/t2d); None keeps the base vocabulary."
+        None, gt=0,
+        description="EAGLE-3/EAGLE-1 reduced output vocabulary: the most frequent assistant tokens of the training "
+        "conversations, mapped back to the base's ids (d2t). None keeps the base vocabulary.",
     )
     aux_hidden_state_layer_ids: list[int] | None = Field(
-        None, description="Base layers whose outputs EAGLE-3 fuses (ModelOpt numbering); None picks low/mid/high."
+        None, description="Base layers whose outputs EAGLE-3 fuses (ModelOpt numbering: output of layer j); None "
+        "picks ModelOpt's low/middle/high default.",
     )
     ttt_steps: int = Field(3, gt=0, description="Training-time-test steps (draft unroll length).")
     intermediate_size: int | None = Field(None, gt=0, description="Draft MLP width; None copies the base's.")
+    loss_decay_factor: float = Field(0.9, gt=0, le=1, description="Weight of TTT step k's loss is factor**k.")
 
 
 class MedusaSettings(Strict):
@@ -99,6 +103,7 @@ class DraftSettings(Strict):
     algorithm: Literal["eagle3", "eagle1", "medusa"] = "eagle3"
     eagle: EagleSettings = Field(default_factory=EagleSettings)
     medusa: MedusaSettings = Field(default_factory=MedusaSettings)
+    seed: int = Field(0, description="Seed of the draft's random initialisation.")
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -145,14 +150,14 @@ class SynthesisSettings(Strict):
 
 # ----------------------------------------------------------------------------------------------- training
 class TrainingSettings(Strict):
-    num_workers: int = Field(2, gt=0)
+    num_workers: int = Field(2, gt=0, description="Ray Train workers (one per GPU on clusters).")
     use_gpu: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["bf16", "fp32"] = "bf16"
-    steps: int = Field(600, gt=0)
-    micro_batch_size: int = Field(8, gt=0)
+    steps: int = Field(600, gt=0, description="Optimizer steps (each: workers x micro batches x accumulation).")
+    micro_batch_size: int = Field(8, gt=0, description="Conversations per worker per micro batch.")
     grad_accumulation: int = Field(1, gt=0)
-    max_seq_len: int = Field(512, gt=0)
+    max_seq_len: int = Field(2048, gt=0, description="Longer conversations are truncated to this many tokens.")
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -160,13 +165,18 @@ class TrainingSettings(Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(0.5, gt=0)
-    validation_share: float = Field(0.05, gt=0, lt=1)
+    validation_share: float = Field(0.05, gt=0, lt=1, description="Conversations held out for validation.")
+    validation_batches: int = Field(8, gt=0, description="Micro batches per worker in each validation pass.")
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(100, gt=0)
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
-    max_failures: int = Field(2, ge=0)
-    seed: int = 0
+    max_failures: int = Field(2, ge=0, description="Worker crashes survived by restarting from the last checkpoint.")
+    seed: int = Field(0, description="Seed of the data order.")
+    resume: Literal["auto", "require", "never"] = Field(
+        "auto", description="auto: continue from this stage's latest checkpoint if any; require: fail without one; "
+        "never: discard earlier checkpoints and start over.",
+    )
 
 
 # ------------------------------------------------------------------------------------------- quantization

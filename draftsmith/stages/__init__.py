@@ -1,10 +1,13 @@
-"""The pipeline's stages, in the order they run; later issues append synthesis, training, export..."""
+"""The pipeline's stages, in the order they run."""
 
 from draftsmith.stages.base_model import BaseModelStage
+from draftsmith.stages.convert import ConvertStage
+from draftsmith.stages.dataset import DatasetStage
 from draftsmith.stages.prompts import PromptsStage
 from draftsmith.stages.synthesize import SynthesizeStage
+from draftsmith.stages.train import TrainStage
 
-STAGES = (BaseModelStage, PromptsStage, SynthesizeStage)
+STAGES = (BaseModelStage, PromptsStage, SynthesizeStage, DatasetStage, ConvertStage, TrainStage)
 
 
 def pipeline_stages(until: str | None = None) -> list:

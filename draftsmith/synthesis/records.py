@@ -51,7 +51,7 @@ def source_files(path: str | Path) -> list[Path]:
     return [path]
 
 
-def _raw_records(path: Path) -> Iterator[tuple[int, Any, str]]:
+def raw_records(path: Path) -> Iterator[tuple[int, Any, str]]:
     """(1-based line or row number, parsed record or None, raw text) for each record of a file."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -69,7 +69,7 @@ def _raw_records(path: Path) -> Iterator[tuple[int, Any, str]]:
                 yield i, None, f"{text.strip()}\x00invalid JSON: {exc.msg} at column {exc.colno}"
 
 
-def _messages_of(record: dict, fmt: str) -> list[dict[str, str]]:
+def normalize_messages(record: dict, fmt: str) -> list[dict[str, str]]:
     """Normalised [{role, content}] of a record; raises ValueError with the reason when it is unusable."""
     if fmt in ("auto", "openai") and "messages" in record:
         raw, role_key, content_key, roles = record["messages"], "role", "content", {r: r for r in OPENAI_ROLES}
@@ -103,7 +103,7 @@ def content_key(system: str | None, user_turns: list[str]) -> str:
 def parse_record(record: Any, fmt: str, source: str, line: int) -> PromptConversation:
     if not isinstance(record, dict):
         raise ValueError(f"a record is a JSON object, got {type(record).__name__}")
-    messages = _messages_of(record, fmt)
+    messages = normalize_messages(record, fmt)
     system = None
     if messages[0]["role"] == "system":
         system = messages.pop(0)["content"]
@@ -132,7 +132,7 @@ def read_prompt_conversations(
     read = duplicates = 0
     for path_text, fmt in sources:
         for path in source_files(path_text):
-            for line, record, raw in _raw_records(path):
+            for line, record, raw in raw_records(path):
                 read += 1
                 if record is None:
                     text, _, reason = raw.partition("\x00")

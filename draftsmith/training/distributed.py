@@ -74,8 +74,15 @@ def run_torch_trainer(
     datasets: dict[str, ray.data.Dataset] | None = None,
     max_failures: int = 0,
     keep_checkpoints: int | None = None,
+    split_datasets: bool = True,
 ) -> ray.train.Result:
-    """Run `loop` on `num_workers` Ray Train workers (gloo on CPU, NCCL on GPUs) and return the result."""
+    """Run `loop` on `num_workers` Ray Train workers (gloo on CPU, NCCL on GPUs) and return the result.
+
+    `split_datasets=False` hands every worker the whole of each dataset (it picks its own rows). A run with the
+    same name and storage as an interrupted one continues from its latest committed checkpoint.
+    """
+    from ray.train import DataConfig
+
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -88,6 +95,7 @@ def run_torch_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
         ),
         datasets=datasets,
+        dataset_config=DataConfig() if split_datasets else DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()
     if result.error:

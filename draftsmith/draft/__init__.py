@@ -1,0 +1,1 @@
+"""The draft module: its architecture, conversion onto the base, vocabulary, objective and checkpoints."""

@@ -1,0 +1,55 @@
+"""One training forward of a converted model: the loss and the per-step top-1 accuracies people watch.
+
+EAGLE: ModelOpt distils the base's own next-token distribution at each training-time-test (TTT) step; accuracy k
+is how often the draft's k-th unrolled guess equals the base's greedy token. Medusa: head k predicts the token
+k+1 places ahead from the base's last hidden state; accuracy k is its top-1 hit rate on the assistant tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def eagle_loss_mask(target_mask: torch.Tensor) -> torch.Tensor:
+    """ModelOpt weights position p by whether the base's prediction there (of token p+1) is an assistant token."""
+    mask = torch.zeros_like(target_mask)
+    mask[:, :-1] = target_mask[:, 1:]
+    return mask
+
+
+_MASK_CACHE_SHAPES = 8
+
+
+def _use_ttt_mask_cache(model, shape: tuple[int, int]) -> None:
+    """Point ModelOpt's TTT attention-mask cache at the one for this batch shape.
+
+    ModelOpt caches the masks of TTT steps >= 1 by step only, assuming every batch has the same length; batches
+    padded to their own length would reuse a mask of the wrong size. Keep one cache per shape (a few, LRU).
+    """
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the converted model
+    caches = module.__dict__.setdefault("_draftsmith_ttt_masks", {})
+    cache = caches.pop(shape, {})
+    caches[shape] = cache
+    while len(caches) > _MASK_CACHE_SHAPES:
+        caches.pop(next(iter(caches)))
+    module._cached_attn_blk_masks = cache
+
+
+def draft_forward(model, batch: dict[str, torch.Tensor], algorithm: str) -> tuple[torch.Tensor, list[float]]:
+    """(loss, accuracy per TTT step or per Medusa head) for one micro batch; `model` may be a DeepSpeed engine."""
+    if algorithm == "medusa":
+        labels = batch["input_ids"].masked_fill(batch["target_mask"] == 0, IGNORE_INDEX)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+        accuracies = []
+        for k, logits in enumerate(out["medusa_logits"]):
+            predicted = logits[:, : -(1 + k)].detach().argmax(-1)
+            wanted = labels[:, 1 + k:]
+            valid = wanted != IGNORE_INDEX
+            accuracies.append(float(((predicted == wanted) & valid).sum()) / max(1, int(valid.sum())))
+        return out["loss"], accuracies
+    _use_ttt_mask_cache(model, tuple(batch["input_ids"].shape))
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                loss_mask=eagle_loss_mask(batch["target_mask"]))
+    return out["loss"], [float(a) for a in out["train_acc"][0]]

@@ -1,0 +1,65 @@
+"""Stage `convert`: the frozen base with a randomly initialised draft attached by ModelOpt, saved as a draft
+checkpoint (ModelOpt state + draft tensors) that training restores exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig
+
+from draftsmith import tracking
+from draftsmith.draft.architecture import DRAFT_PREFIX, check_fits, text_config
+from draftsmith.draft.checkpoint import save_draft
+from draftsmith.draft.convert import convert_base, load_base
+from draftsmith.draft.vocab import draft_vocabulary
+from draftsmith.pipeline.stage import Stage, StageContext
+from draftsmith.recipe.schema import Recipe
+from draftsmith.training.draft_data import token_counts
+
+DRAFT_DIR = "draft"
+VOCAB_FILE = "draft_vocab.json"
+
+
+def draft_meta(recipe: Recipe, base_dir: Path, base_hash: str) -> dict[str, Any]:
+    draft = recipe.draft
+    return {"algorithm": draft.algorithm, "base_model_dir": str(base_dir), "base_model_hash": base_hash,
+            "ttt_steps": draft.eagle.ttt_steps, "medusa_heads": draft.medusa.num_heads,
+            "draft_vocab_size": draft.eagle.draft_vocab_size if draft.algorithm != "medusa" else None,
+            "quantization": None, "step": 0, "trained_steps": 0}
+
+
+class ConvertStage(Stage):
+    name = "convert"
+    depends_on = ("base", "dataset")
+
+    def settings(self, recipe: Recipe) -> Any:
+        if recipe.base.model != "embedded":  # a user's base: a draft that cannot fit fails before synthesis runs
+            check_fits(recipe.draft, AutoConfig.from_pretrained(recipe.base.model))
+        return recipe.draft
+
+    def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+        recipe, base = ctx.recipe, ctx.upstream["base"].outputs
+        base_dir = Path(base["model_dir"])
+        vocab_size = text_config(AutoConfig.from_pretrained(str(base_dir))).vocab_size
+        d2t, vocab_report = None, {"draft_vocab_size": vocab_size, "base_vocab_size": vocab_size}
+        size = recipe.draft.eagle.draft_vocab_size
+        if recipe.draft.algorithm != "medusa" and size is not None and size < vocab_size:
+            counts = token_counts(ctx.upstream["dataset"].outputs["data_dir"])
+            d2t, t2d, vocab_report = draft_vocabulary(counts, size)
+            tracking.log_metrics({"target_token_coverage": vocab_report["target_token_coverage"]})
+        (out_dir / VOCAB_FILE).write_text(json.dumps(vocab_report, indent=2))
+        model = convert_base(base_dir, recipe.draft, d2t=d2t)
+        base_keys = set(load_base(base_dir).state_dict())
+        prefix = DRAFT_PREFIX[recipe.draft.algorithm]
+        draft_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
+        base_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(prefix))
+        save_draft(model, out_dir / DRAFT_DIR, base_keys=base_keys,
+                   meta=draft_meta(recipe, base_dir, base["model_hash"]))
+        tracking.log_metrics({"draft_parameters": draft_params, "base_parameters": base_params})
+        tracking.log_artifact(out_dir / VOCAB_FILE)
+        tracking.set_tags({"draftsmith.algorithm": recipe.draft.algorithm})
+        return {"draft_dir": str((out_dir / DRAFT_DIR).resolve()), "algorithm": recipe.draft.algorithm,
+                "draft_parameters": draft_params, "base_parameters": base_params, **vocab_report}

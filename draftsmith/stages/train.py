@@ -1,0 +1,35 @@
+"""Stage `train`: the draft trained on the conversations with Ray Train + DeepSpeed, from the converted checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from draftsmith import tracking
+from draftsmith.pipeline.stage import Stage, StageContext
+from draftsmith.recipe.schema import Recipe
+from draftsmith.training.train_draft import train_draft
+
+
+class TrainStage(Stage):
+    name = "train"
+    depends_on = ("base", "dataset", "convert")
+
+    def settings(self, recipe: Recipe) -> dict[str, Any]:
+        # How often to log or keep checkpoints, failures tolerated and the resume policy do not change the result.
+        return recipe.training.model_dump(mode="json", exclude={"log_every", "keep_checkpoints", "max_failures",
+                                                                "resume"})
+
+    def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+        summary = train_draft(
+            init_checkpoint=Path(ctx.upstream["convert"].outputs["draft_dir"]),
+            base_dir=Path(ctx.upstream["base"].outputs["model_dir"]),
+            data_dir=Path(ctx.upstream["dataset"].outputs["data_dir"]),
+            settings=ctx.recipe.training, out_dir=out_dir, algorithm=ctx.recipe.draft.algorithm,
+            run_id=ctx.mlflow_run_id,
+            resume=ctx.recipe.training.resume,
+        )
+        final = {k.replace("/", "_"): v for k, v in summary["metrics"].items()}
+        tracking.log_metrics({f"final_{k}": v for k, v in final.items()})
+        return {"draft_dir": summary["draft"], "steps": summary["steps"], "resumed_from": summary["resumed_from"],
+                "metrics": summary["metrics"]}

@@ -1,0 +1,213 @@
+"""The Ray Train worker loop that trains a draft: DeepSpeed engine over the converted model, deterministic data
+order, metrics from rank 0, checkpoints through `ray.train.report` (DeepSpeed state + the draft itself).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+
+from draftsmith.draft.checkpoint import LoadedDraft, load_draft, write_checkpoint
+from draftsmith.draft.objective import draft_forward
+from draftsmith.training.batching import collate, micro_batch_sequence
+from draftsmith.training.distributed import lr_lambda, rank0_mlflow, set_worker_threads
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.json"
+DEEPSPEED_DIR = "deepspeed"
+DRAFT_DIR = "draft"
+
+
+def _own_rows(name: str, wanted: set[str]) -> dict[str, dict]:
+    """This worker's conversations, picked from the (unsplit) Ray Data stream by id."""
+    rows: dict[str, dict] = {}
+    for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=512, batch_format="numpy"):
+        for cid, ids, mask in zip(batch["conversation_id"], batch["input_ids"], batch["target_mask"], strict=True):
+            if cid in wanted:
+                rows[str(cid)] = {"input_ids": ids, "target_mask": mask}
+    missing = wanted - rows.keys()
+    assert not missing, f"{len(missing)} planned conversations are missing from dataset {name}"
+    return rows
+
+
+def _all_reduce_sums(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class _Window:
+    """Sums of loss, per-step accuracy and tokens since the last log line, reduced over all workers."""
+
+    def __init__(self, num_acc: int):
+        self.num_acc = num_acc
+        self.reset()
+
+    def reset(self) -> None:
+        self.batches, self.loss, self.tokens = 0, 0.0, 0
+        self.acc = [0.0] * self.num_acc
+        self.started = time.perf_counter()
+
+    def add(self, loss: float, accs: list[float], tokens: int) -> None:
+        self.batches += 1
+        self.loss += loss
+        self.tokens += tokens
+        self.acc = [a + b for a, b in zip(self.acc, accs, strict=True)]
+
+    def reduce(self, prefix: str) -> dict[str, float]:
+        batches, loss, tokens, *acc = _all_reduce_sums([self.batches, self.loss, self.tokens, *self.acc])
+        metrics = {f"{prefix}/loss": loss / max(1, batches)}
+        metrics.update({f"{prefix}/acc_step{k + 1}": a / max(1, batches) for k, a in enumerate(acc)})
+        metrics[f"{prefix}/tokens_per_s"] = tokens / max(1e-9, time.perf_counter() - self.started)
+        return metrics
+
+
+def _validate(engine, batches: list[dict], algorithm: str, num_acc: int) -> dict[str, float]:
+    window = _Window(num_acc)
+    with torch.no_grad():  # train mode on purpose: ModelOpt unrolls every TTT step only in training mode
+        for batch in batches:
+            loss, accs = draft_forward(engine, batch, algorithm)
+            window.add(loss.item(), accs, int(batch["attention_mask"].sum()))
+    metrics = window.reduce("val")
+    metrics.pop("val/tokens_per_s")
+    return metrics
+
+
+def _base_checksum(model: torch.nn.Module, base_keys: set[str]) -> float:
+    """A sum over this rank's share of the frozen base weights: it must not move during draft training."""
+    total = 0.0
+    for name, param in model.named_parameters():
+        if name in base_keys:
+            local = getattr(param, "ds_tensor", None)  # ZeRO-3 keeps only this rank's partition
+            total += float((local if local is not None else param.data).double().abs().sum())
+    return total
+
+
+def _draft_state(model: torch.nn.Module, base_keys: set[str]) -> dict[str, torch.Tensor]:
+    """The draft's full fp32 weights (gathered under ZeRO-3: every rank must call this) and its buffers."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if name in base_keys:
+            continue
+        full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        tensors[name] = (full if full is not None else param.data).detach().float().cpu().clone()
+    for name, value in model.state_dict().items():
+        if name not in base_keys and name not in tensors:  # buffers: d2t, quantizer scales
+            tensors[name] = (value.float() if value.is_floating_point() else value).detach().cpu().clone()
+    return tensors
+
+
+def _report_checkpoint(engine, loaded: LoadedDraft, progress: dict, metrics: dict, config: dict) -> None:
+    """Every rank writes its DeepSpeed shard; rank 0 adds the draft and the progress record; Ray merges them."""
+    import modelopt.torch.opt as mto
+
+    step = progress["step"]
+    tmp = Path(tempfile.mkdtemp(prefix=f"draft-step{step}-"))
+    try:
+        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=f"step-{step}", exclude_frozen_parameters=True)
+        tensors = _draft_state(engine.module, loaded.base_keys)
+        if ray.train.get_context().get_world_rank() == 0:
+            meta = {**loaded.meta, "step": step, "trained_steps": loaded.meta.get("trained_steps", 0) + step,
+                    "training_run_id": config["run_id"]}
+            write_checkpoint(tmp / DRAFT_DIR, modelopt_state=mto.modelopt_state(engine.module), tensors=tensors,
+                             meta=meta)
+            (tmp / PROGRESS_FILE).write_text(json.dumps({**progress, "metrics": metrics}))
+        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    import deepspeed
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    set_worker_threads(ctx.get_local_world_size())
+    torch.manual_seed(config["seed"] + rank)
+    loaded = load_draft(config["init_checkpoint"], config["base_dir"])
+    model, algorithm = loaded.model, loaded.meta["algorithm"]
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config["lr"], betas=tuple(config["betas"]),
+                                  weight_decay=config["weight_decay"])
+    total = config["steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
+        warmup_steps=config["warmup_steps"], total_steps=total, schedule=config["schedule"],
+        min_ratio=config["min_lr_ratio"]))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=config["deepspeed"])
+    progress: dict[str, Any] = {"step": 0, "resumed_from": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            engine.load_checkpoint(str(Path(directory) / DEEPSPEED_DIR), load_module_strict=False)
+            progress = json.loads((Path(directory) / PROGRESS_FILE).read_text())
+        progress.pop("metrics", None)
+        progress["resumed_from"].append(progress["step"])
+        log.info("rank %d resumed at step %d", rank, progress["step"])
+
+    base_checksum = _base_checksum(engine.module, loaded.base_keys)
+    plan, val_plan = config["plan"][rank], config["validation_plan"][rank]
+    rows = _own_rows("train", {c for batch in plan for c in batch})
+    val_rows = _own_rows("validation", {c for batch in val_plan for c in batch})
+    val_batches = [collate([val_rows[c] for c in batch], config["pad_id"]) for batch in val_plan]
+    accumulation = config["grad_accumulation"]
+    sequence = micro_batch_sequence(len(plan), start=progress["step"] * accumulation, seed=config["seed"], rank=rank)
+    num_acc = config["num_accuracies"]
+    window = _Window(num_acc)
+    last: dict[str, float] = {}
+
+    with rank0_mlflow(config["tracking_uri"], config["run_id"]) as logs:
+        import mlflow
+
+        def log_metrics(metrics: dict[str, float], step: int) -> None:
+            if logs:
+                mlflow.log_metrics(metrics, step=step)
+
+        if progress["step"] == 0:
+            log_metrics(_validate(engine, val_batches, algorithm, num_acc), 0)
+        if progress["resumed_from"]:
+            log_metrics({"train/resumed_from_step": progress["step"]}, progress["step"])
+        while progress["step"] < total:
+            for _ in range(accumulation):
+                batch = collate([rows[c] for c in plan[next(sequence)]], config["pad_id"])
+                loss, accs = draft_forward(engine, batch, algorithm)
+                engine.backward(loss)
+                engine.step()
+                window.add(loss.item(), accs, int(batch["attention_mask"].sum()))
+            progress["step"] += 1
+            step = progress["step"]
+            if step % config["log_every"] == 0 or step == total:
+                last = window.reduce("train")
+                last["train/lr"] = scheduler.get_last_lr()[0]
+                log_metrics(last, step)
+                if rank == 0:
+                    log.info("step %d/%d loss %.4f acc %s", step, total, last["train/loss"],
+                             [round(last[f"train/acc_step{k + 1}"], 3) for k in range(num_acc)])
+                window.reset()
+            if step % config["eval_every"] == 0 or step == total:
+                val = _validate(engine, val_batches, algorithm, num_acc)
+                log_metrics(val, step)
+                last.update(val)
+            if step == total:
+                # The base is frozen by construction; prove it before the result is trusted downstream.
+                if _base_checksum(engine.module, loaded.base_keys) != base_checksum:
+                    raise RuntimeError("the base model's weights changed during draft training")
+                progress["base_unchanged"] = True
+            if step % config["checkpoint_every"] == 0 or step == total:
+                _report_checkpoint(engine, loaded, progress, last, config)
+            if window.batches == 0:  # validation and checkpoints do not count against training throughput
+                window.started = time.perf_counter()

@@ -1,0 +1,149 @@
+"""Draft training on a real local Ray with 2 Ray Train workers and real DeepSpeed, on conversations the tiny
+embedded base synthesized with vLLM (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY_BASE_OVERRIDES, clean_env
+from draftsmith import tracking
+from draftsmith.pipeline.runner import run_pipeline
+from draftsmith.recipe.loader import load_recipe
+from draftsmith.stages import pipeline_stages
+from draftsmith.training.train_draft import latest_committed_checkpoint
+
+pytestmark = pytest.mark.slow
+
+DATA_OVERRIDES = [*TINY_BASE_OVERRIDES, "data.num_prompts=400", "training.validation_share=0.1"]
+SHORT_TRAINING = ["training.micro_batch_size=8", "training.warmup_steps=5", "training.lr=3e-3",
+                  "training.log_every=5"]
+
+
+@pytest.fixture(scope="module")
+def training_root(tiny_base, local_ray, tmp_path_factory) -> Path:
+    """A run folder whose stages up to `dataset` are done: 400 synthesized conversations, tokenized."""
+    root = tmp_path_factory.mktemp("draft-training")
+    recipe = load_recipe("tiny-eagle3", [*DATA_OVERRIDES, f"output_dir={root}"])
+    tracking.configure(recipe.tracking, root)
+    results = run_pipeline(recipe, pipeline_stages("dataset"))
+    assert results["dataset"].outputs["train"] > 300
+    return root
+
+
+def _train(root: Path, *overrides: str):
+    recipe = load_recipe("tiny-eagle3", [*DATA_OVERRIDES, f"output_dir={root}", *SHORT_TRAINING, *overrides])
+    tracking.configure(recipe.tracking, root)
+    return run_pipeline(recipe, pipeline_stages("train"))
+
+
+def _history(run_id: str, key: str) -> list[float]:
+    return tracking.metric_history(run_id, key)[1]
+
+
+def test_eagle3_learns_and_only_the_draft_changes(training_root):
+    results = _train(training_root, "training.steps=80", "training.eval_every=40", "training.checkpoint_every=40",
+                     "training.zero_stage=2")
+    train = results["train"]
+    run_id = train.mlflow_run_id
+    val_acc, val_loss = _history(run_id, "val/acc_step1"), _history(run_id, "val/loss")
+    assert len(val_acc) == 3  # before training, at step 40, at the end
+    assert val_acc[-1] >= val_acc[0] + 0.25, val_acc
+    assert val_loss[-1] < 0.7 * val_loss[0], val_loss
+    assert len(_history(run_id, "train/acc_step3")) == 16 and _history(run_id, "train/tokens_per_s")[-1] > 0
+    artifacts = {a.path for a in tracking.MlflowClient().list_artifacts(run_id, "plots")}
+    assert artifacts == {"plots/loss.png", "plots/accuracy.png"}
+
+    summary = json.loads((train.directory / "training_summary.json").read_text())
+    assert summary["steps"] == 80 and summary["base_unchanged"] and summary["resumed_from"] == []
+    before = load_file(str(Path(results["convert"].outputs["draft_dir"]) / "draft.safetensors"))
+    after = load_file(str(Path(train.outputs["draft_dir"]) / "draft.safetensors"))
+    assert before.keys() == after.keys() and all(k.startswith("eagle_module.") for k in after)
+    weights = [k for k in after if k.endswith("weight")]
+    assert all(not torch.equal(before[k], after[k]) for k in weights)  # every draft weight trained
+    assert torch.equal(before["eagle_module.d2t"], after["eagle_module.d2t"])  # the vocabulary mapping did not move
+    assert before["eagle_module.d2t"].any()  # and it is a real mapping (256 of 865 tokens)
+
+
+@pytest.mark.parametrize("algorithm", ["medusa", "eagle1"])
+def test_medusa_and_eagle1_train_under_zero3(training_root, algorithm):
+    results = _train(training_root, f"draft.algorithm={algorithm}", "training.zero_stage=3", "training.steps=30",
+                     "training.eval_every=30", "training.checkpoint_every=30")
+    run_id = results["train"].mlflow_run_id
+    val_acc, val_loss = _history(run_id, "val/acc_step1"), _history(run_id, "val/loss")
+    assert val_loss[-1] < val_loss[0] and val_acc[-1] > val_acc[0] + 0.05, (val_loss, val_acc)
+    assert len(_history(run_id, "val/acc_step3")) == 2  # three heads / TTT steps each report an accuracy
+    assert results["train"].outputs["steps"] == 30
+
+
+def _latest(stage_dirs) -> dict | None:
+    """Progress record of the latest checkpoint Ray Train committed in this test's stage folder."""
+    found = [c for d in stage_dirs() if (c := latest_committed_checkpoint(d)) is not None]
+    return json.loads((found[0] / "progress.json").read_text()) if found else None
+
+
+def _wait_for(condition, timeout_s: float, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if condition():
+            return
+        assert proc.poll() is None, f"the job exited ({proc.returncode}) before {what}"
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+def test_killed_worker_and_killed_job_resume_without_losing_steps(training_root, tmp_path):
+    overrides = [*DATA_OVERRIDES, f"output_dir={training_root}", *SHORT_TRAINING, "training.steps=60",
+                 "training.checkpoint_every=10", "training.eval_every=60", "training.max_failures=2",
+                 "training.keep_checkpoints=3", "training.seed=7"]
+    cmd = [sys.executable, "-m", "jobs.train", "--recipe", "tiny-eagle3", *[a for o in overrides for a in ("--set", o)]]
+    earlier = set(training_root.glob("tiny-eagle3/train-*"))
+
+    def stage_dirs() -> list[Path]:  # this test's train stage folder (other tests trained with other settings)
+        return [d for d in training_root.glob("tiny-eagle3/train-*") if d not in earlier]
+
+    # Nothing to resume yet: --resume refuses, before any worker starts.
+    refused = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode == 2 and "nothing to resume" in refused.stderr, refused.stderr[-2000:]
+
+    job = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=open(tmp_path / "first.log", "w"))
+    try:
+        _wait_for(lambda: _latest(stage_dirs), 600, job, "the first committed checkpoint")
+        workers = [p for p in psutil.process_iter(["cmdline"])
+                   if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
+                   and p.pid in {c.pid for c in psutil.Process(job.pid).children(recursive=True)}]
+        assert workers, "no Ray Train worker process found"
+        workers[-1].kill()  # a worker dies mid-run: Ray Train restarts the group from the last checkpoint
+        _wait_for(lambda: (_latest(stage_dirs) or {}).get("resumed_from"), 600, job,
+                  "a checkpoint written after the restart")
+        os.killpg(job.pid, signal.SIGKILL)  # then the whole job is killed
+        job.wait()
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    last = _latest(stage_dirs)["step"]
+    assert last < 60
+
+    again = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                           timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (stage_dir,) = stage_dirs()
+    summary = json.loads((stage_dir / "training_summary.json").read_text())
+    assert summary["steps"] == 60
+    first_resume, second_resume = summary["resumed_from"]
+    # The re-run continued from the latest committed checkpoint (the snapshot on disk may lag one report behind),
+    # not from the start and not from the first resume point.
+    assert first_resume < second_resume and last <= second_resume <= last + 10, (summary["resumed_from"], last)
+    assert summary["base_unchanged"]
