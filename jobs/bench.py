@@ -15,6 +15,7 @@ from draftsmith import cluster, tracking
 from draftsmith.bench.embedded_base import build_section, throughput_section
 from draftsmith.bench.report import write_results
 from draftsmith.bench.synthesis import synthesis_section
+from draftsmith.bench.training import training_section
 from draftsmith.cli import parse_recipe, recipe_parser, run_main
 from draftsmith.embedded.build import build_embedded_base
 from draftsmith.provenance import command_line
@@ -37,9 +38,10 @@ def main() -> int:
         try:
             model_dir = build_embedded_base(recipe.base.embedded, tracking_uri=tracking.current_uri())
             synthesis = synthesis_section(model_dir, recipe.synthesis)
+            training = training_section(model_dir, recipe)
         finally:
             ray.shutdown()  # free the cores before measuring plain generation
-        sections = [build_section(model_dir), throughput_section(model_dir), synthesis]
+        sections = [build_section(model_dir), throughput_section(model_dir), synthesis, training]
         results = write_results(sections, Path(args.out), command_line())
         tracking.log_artifact(results.parent)
     print(results.read_text())

@@ -63,6 +63,8 @@ def test_eagle3_learns_and_only_the_draft_changes(training_root):
     assert len(_history(run_id, "train/acc_step3")) == 16 and _history(run_id, "train/tokens_per_s")[-1] > 0
     artifacts = {a.path for a in tracking.MlflowClient().list_artifacts(run_id, "plots")}
     assert artifacts == {"plots/loss.png", "plots/accuracy.png"}
+    checkpoints = {a.path for a in tracking.MlflowClient().list_artifacts(run_id, "checkpoints")}
+    assert checkpoints == {"checkpoints/step-000040", "checkpoints/step-000080"}  # each one's draft, in MLflow
 
     summary = json.loads((train.directory / "training_summary.json").read_text())
     assert summary["steps"] == 80 and summary["base_unchanged"] and summary["resumed_from"] == []

@@ -110,8 +110,12 @@ def _draft_state(model: torch.nn.Module, base_keys: set[str]) -> dict[str, torch
     return tensors
 
 
-def _report_checkpoint(engine, loaded: LoadedDraft, progress: dict, metrics: dict, config: dict) -> None:
-    """Every rank writes its DeepSpeed shard; rank 0 adds the draft and the progress record; Ray merges them."""
+def _report_checkpoint(engine, loaded: LoadedDraft, progress: dict, metrics: dict, config: dict,
+                       log_to_mlflow: bool) -> None:
+    """Every rank writes its DeepSpeed shard; rank 0 adds the draft and the progress record; Ray merges them.
+
+    The draft part (not the optimizer state) also goes to MLflow, so any checkpoint can be picked from the run.
+    """
     import modelopt.torch.opt as mto
 
     step = progress["step"]
@@ -125,6 +129,10 @@ def _report_checkpoint(engine, loaded: LoadedDraft, progress: dict, metrics: dic
             write_checkpoint(tmp / DRAFT_DIR, modelopt_state=mto.modelopt_state(engine.module), tensors=tensors,
                              meta=meta)
             (tmp / PROGRESS_FILE).write_text(json.dumps({**progress, "metrics": metrics}))
+            if log_to_mlflow:
+                import mlflow
+
+                mlflow.log_artifacts(str(tmp / DRAFT_DIR), artifact_path=f"checkpoints/step-{step:06d}")
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -163,7 +171,12 @@ def train_worker(config: dict[str, Any]) -> None:
     plan, val_plan = config["plan"][rank], config["validation_plan"][rank]
     rows = _own_rows("train", {c for batch in plan for c in batch})
     val_rows = _own_rows("validation", {c for batch in val_plan for c in batch})
-    val_batches = [collate([val_rows[c] for c in batch], config["pad_id"]) for batch in val_plan]
+    device = engine.device
+
+    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    val_batches = [to_device(collate([val_rows[c] for c in batch], config["pad_id"])) for batch in val_plan]
     accumulation = config["grad_accumulation"]
     sequence = micro_batch_sequence(len(plan), start=progress["step"] * accumulation, seed=config["seed"], rank=rank)
     num_acc = config["num_accuracies"]
@@ -183,7 +196,7 @@ def train_worker(config: dict[str, Any]) -> None:
             log_metrics({"train/resumed_from_step": progress["step"]}, progress["step"])
         while progress["step"] < total:
             for _ in range(accumulation):
-                batch = collate([rows[c] for c in plan[next(sequence)]], config["pad_id"])
+                batch = to_device(collate([rows[c] for c in plan[next(sequence)]], config["pad_id"]))
                 loss, accs = draft_forward(engine, batch, algorithm)
                 engine.backward(loss)
                 engine.step()
@@ -208,6 +221,6 @@ def train_worker(config: dict[str, Any]) -> None:
                     raise RuntimeError("the base model's weights changed during draft training")
                 progress["base_unchanged"] = True
             if step % config["checkpoint_every"] == 0 or step == total:
-                _report_checkpoint(engine, loaded, progress, last, config)
+                _report_checkpoint(engine, loaded, progress, last, config, logs)
             if window.batches == 0:  # validation and checkpoints do not count against training throughput
                 window.started = time.perf_counter()
