@@ -48,6 +48,10 @@ def test_tokenizes_splits_and_quarantines(tiny_base, local_ray, tmp_path):
     assert counts.shape == (AutoConfig.from_pretrained(tiny_base).vocab_size,)
     assert np.count_nonzero(counts) == summary["distinct_target_tokens"]
 
+    # A re-run into the same folder (a stage killed after writing) replaces the splits instead of adding to them.
+    again, _ = _prepare(tiny_base, tmp_path, [*good[:20], *bad, *good[20:]])
+    assert read_split(tmp_path / "out", "train").count() == again["train"] == summary["train"]
+
 
 def test_dataset_without_assistant_tokens_fails_clearly(tiny_base, local_ray, tmp_path):
     user_only = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) for i in range(5)]

@@ -39,7 +39,7 @@ def _plain_loop_tokens_per_s(init: Path, base_dir: Path, data_dir: Path, recipe:
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
                                   betas=settings.betas)
-    rows = {r["conversation_id"]: r for r in read_split(data_dir, "train").take_all()}
+    rows = {r["source"]: r for r in read_split(data_dir, "train").take_all()}
     plan = plan_micro_batches(list(rows), [r["num_tokens"] for r in rows.values()],
                               micro_batch_size=settings.micro_batch_size, world_size=1, seed=settings.seed)[0]
     pad_id = AutoTokenizer.from_pretrained(str(base_dir)).pad_token_id

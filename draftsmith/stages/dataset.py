@@ -16,6 +16,7 @@ from draftsmith.training.draft_data import QUARANTINE_FILE, SUMMARY_FILE, prepar
 
 class DatasetStage(Stage):
     name = "dataset"
+    version = 2  # a re-run replaces the parquet splits instead of adding to them
     depends_on = ("base", "synthesize")
 
     def settings(self, recipe: Recipe) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +135,9 @@ def prepare_training_data(sources: list[str], base_dir: str | Path, out_dir: Pat
                              f"data.max_bad_share={max_bad_share:.1%}); see {out_dir / QUARANTINE_FILE}")
     train = good.filter(expr="split == 'train'")
     validation = good.filter(expr="split == 'validation'")
-    train.write_parquet(str(out_dir / TRAIN_DIR))
-    validation.write_parquet(str(out_dir / VALIDATION_DIR))
+    for split, rows_of_split in ((TRAIN_DIR, train), (VALIDATION_DIR, validation)):
+        shutil.rmtree(out_dir / split, ignore_errors=True)  # write_parquet adds files beside an earlier attempt's
+        rows_of_split.write_parquet(str(out_dir / split))
     n_train, n_val = train.count(), validation.count()
     if n_train == 0 or n_val == 0:
         raise DraftDataError(f"{usable} usable conversations split into {n_train} train / {n_val} validation; "
@@ -158,7 +160,7 @@ def prepare_training_data(sources: list[str], base_dir: str | Path, out_dir: Pat
 
 def read_split(data_dir: str | Path, split: str) -> ray.data.Dataset:
     return ray.data.read_parquet(str(Path(data_dir) / (TRAIN_DIR if split == "train" else VALIDATION_DIR)),
-                                 columns=["conversation_id", "input_ids", "target_mask", "num_tokens"])
+                                 columns=["source", "input_ids", "target_mask", "num_tokens"])
 
 
 def token_counts(data_dir: str | Path) -> np.ndarray:

@@ -29,10 +29,11 @@ DRAFT_DIR = "draft"
 
 
 def _own_rows(name: str, wanted: set[str]) -> dict[str, dict]:
-    """This worker's conversations, picked from the (unsplit) Ray Data stream by id."""
+    """This worker's conversations, picked from the (unsplit) Ray Data stream by their `file:line` key (unique
+    even when two datasets reuse conversation ids)."""
     rows: dict[str, dict] = {}
     for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=512, batch_format="numpy"):
-        for cid, ids, mask in zip(batch["conversation_id"], batch["input_ids"], batch["target_mask"], strict=True):
+        for cid, ids, mask in zip(batch["source"], batch["input_ids"], batch["target_mask"], strict=True):
             if cid in wanted:
                 rows[str(cid)] = {"input_ids": ids, "target_mask": mask}
     missing = wanted - rows.keys()

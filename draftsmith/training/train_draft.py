@@ -56,10 +56,10 @@ def num_accuracies(meta: dict[str, Any]) -> int:
 
 
 def _plan(data_dir: Path, split: str, settings: TrainingSettings, *, shuffle: bool) -> list[list[list[str]]]:
-    table = read_split(data_dir, split).select_columns(["conversation_id", "num_tokens"]).to_pandas()
+    table = read_split(data_dir, split).select_columns(["source", "num_tokens"]).to_pandas()
     world = settings.num_workers
     micro = settings.micro_batch_size if shuffle else max(1, min(settings.micro_batch_size, len(table) // world))
-    plan = plan_micro_batches(table["conversation_id"].tolist(), table["num_tokens"].tolist(),
+    plan = plan_micro_batches(table["source"].tolist(), table["num_tokens"].tolist(),
                               micro_batch_size=micro, world_size=world, seed=settings.seed, shuffle=shuffle)
     if not plan[0]:
         raise DraftDataError(
