@@ -41,3 +41,17 @@ def run_main(main: Callable[[], int | None]) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)
+
+
+def run_stage_job(doc: str, stage: str) -> None:
+    """The whole of a job that runs the pipeline up to `stage` and prints that stage's summary."""
+    import json
+
+    from draftsmith.stages.run import run_recipe, summary
+
+    def main() -> int:
+        args = recipe_parser(doc.splitlines()[0]).parse_args()
+        print(json.dumps(summary(run_recipe(parse_recipe(args), until=stage))[stage], indent=2))
+        return 0
+
+    run_main(main)

@@ -5,6 +5,7 @@ checkpoint (ModelOpt state + draft tensors) that training restores exactly.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,15 @@ class ConvertStage(Stage):
     depends_on = ("base", "dataset")
 
     def settings(self, recipe: Recipe) -> Any:
-        if recipe.base.model != "embedded":  # a user's base: a draft that cannot fit fails before synthesis runs
+        # A draft that cannot fit the base fails here, before synthesis spends hours on its data.
+        if recipe.base.model != "embedded":
             check_fits(recipe.draft, AutoConfig.from_pretrained(recipe.base.model))
+        else:  # the embedded base's shape is known from the recipe (its vocabulary is at most the BPE target)
+            arch = recipe.base.embedded.architecture
+            check_fits(recipe.draft, SimpleNamespace(
+                model_type="llama", hidden_size=arch.hidden_size, num_hidden_layers=arch.num_hidden_layers,
+                num_attention_heads=arch.hidden_size // arch.head_dim, vocab_size=arch.vocab_size,
+                intermediate_size=arch.intermediate_size))
         return recipe.draft
 
     def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
