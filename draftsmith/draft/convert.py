@@ -20,6 +20,13 @@ def load_base(base_dir: str | Path, dtype: torch.dtype = torch.float32) -> torch
     return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
 
 
+def base_state_keys(base_dir: str | Path) -> set[str]:
+    """The names of the base's tensors, from a weightless (meta-device) copy: no second load of an 8B base."""
+    config = AutoConfig.from_pretrained(str(base_dir))
+    with torch.device("meta"):
+        return set(AutoModelForCausalLM.from_config(config).state_dict())
+
+
 def freeze_base(model: torch.nn.Module, algorithm: str) -> list[str]:
     """Make exactly the draft's parameters trainable and return their names.
 

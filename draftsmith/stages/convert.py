@@ -14,7 +14,7 @@ from transformers import AutoConfig
 from draftsmith import tracking
 from draftsmith.draft.architecture import DRAFT_PREFIX, check_fits, text_config
 from draftsmith.draft.checkpoint import save_draft
-from draftsmith.draft.convert import convert_base, load_base
+from draftsmith.draft.convert import base_state_keys, convert_base
 from draftsmith.draft.vocab import draft_vocabulary
 from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.recipe.schema import Recipe
@@ -60,7 +60,7 @@ class ConvertStage(Stage):
             tracking.log_metrics({"target_token_coverage": vocab_report["target_token_coverage"]})
         (out_dir / VOCAB_FILE).write_text(json.dumps(vocab_report, indent=2))
         model = convert_base(base_dir, recipe.draft, d2t=d2t)
-        base_keys = set(load_base(base_dir).state_dict())
+        base_keys = base_state_keys(base_dir)
         prefix = DRAFT_PREFIX[recipe.draft.algorithm]
         draft_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
         base_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(prefix))

@@ -191,8 +191,9 @@ def train_worker(config: dict[str, Any]) -> None:
             if logs:
                 mlflow.log_metrics(metrics, step=step)
 
-        if progress["step"] == 0:
-            log_metrics(_validate(engine, val_batches, algorithm, num_acc), 0)
+        if progress["step"] == 0:  # kept in the progress record: a resumed run reports where it started from
+            progress["initial_metrics"] = _validate(engine, val_batches, algorithm, num_acc)
+            log_metrics(progress["initial_metrics"], 0)
         if progress["resumed_from"]:
             log_metrics({"train/resumed_from_step": progress["step"]}, progress["step"])
         while progress["step"] < total:

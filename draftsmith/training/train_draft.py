@@ -136,6 +136,7 @@ def train_draft(*, init_checkpoint: Path, base_dir: Path, data_dir: Path, settin
         shutil.rmtree(out_dir / DRAFT_DIR, ignore_errors=True)
         shutil.copytree(Path(directory) / DRAFT_DIR, out_dir / DRAFT_DIR)
     summary = {"steps": final["step"], "resumed_from": final["resumed_from"], "metrics": final["metrics"],
+               "initial_metrics": final.get("initial_metrics", {}),
                "base_unchanged": final.get("base_unchanged", False),
                "epochs": steps / max(1, batches_per_epoch), "algorithm": meta["algorithm"],
                "draft": str(out_dir / DRAFT_DIR), "checkpoint": result.checkpoint.path}
