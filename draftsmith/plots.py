@@ -44,3 +44,22 @@ def bar_plot(values: Mapping[str, float], title: str, ylabel: str, path: Path, y
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def grouped_bar_plot(groups: Mapping[str, Mapping[str, float]], title: str, path: Path) -> Path:
+    """One group of bars per metric, one bar per named model (e.g. bf16 / PTQ / QAT), values written on top."""
+    metrics = list(next(iter(groups.values())))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.2 * len(metrics) + 1, 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        names = list(groups)
+        values = [groups[n].get(metric, float("nan")) for n in names]
+        ax.bar(names, values, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(names)])
+        ax.set_title(metric, fontsize=9)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -31,6 +31,10 @@ TINY_BASE_OVERRIDES = [
     "base.embedded.pretraining.epochs=1",
     "data.num_prompts=40",
 ]
+# Enough synthesized conversations to train a draft that learns (the `training_root` fixture), and a short run.
+DATA_OVERRIDES = [*TINY_BASE_OVERRIDES, "data.num_prompts=400", "training.validation_share=0.1"]
+SHORT_TRAINING = ["training.micro_batch_size=8", "training.warmup_steps=5", "training.lr=3e-3",
+                  "training.log_every=5"]
 
 
 def free_port() -> int:
@@ -115,3 +119,20 @@ def tiny_base(tiny_recipe, local_ray, tmp_path_factory) -> Path:
     tracking_dir = tmp_path_factory.mktemp("tiny-base-tracking")
     tracking.configure(tiny_recipe.tracking, tracking_dir)
     return build_embedded_base(tiny_recipe.base.embedded, tracking_uri=tracking.current_uri())
+
+
+@pytest.fixture(scope="session")
+def training_root(tiny_base, local_ray, tmp_path_factory) -> Path:
+    """A run folder whose stages up to `dataset` are done: 400 conversations the tiny base synthesized with vLLM
+    (CPU), tokenized. Shared by the draft-training and the quantize/export/register tests."""
+    from draftsmith import tracking
+    from draftsmith.pipeline.runner import run_pipeline
+    from draftsmith.recipe.loader import load_recipe
+    from draftsmith.stages import pipeline_stages
+
+    root = tmp_path_factory.mktemp("draft-training")
+    recipe = load_recipe("tiny-eagle3", [*DATA_OVERRIDES, f"output_dir={root}"])
+    tracking.configure(recipe.tracking, root)
+    results = run_pipeline(recipe, pipeline_stages("dataset"))
+    assert results["dataset"].outputs["train"] > 300
+    return root

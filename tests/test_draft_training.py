@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_BASE_OVERRIDES, clean_env
+from conftest import DATA_OVERRIDES, ROOT, SHORT_TRAINING, clean_env
 from draftsmith import tracking
 from draftsmith.pipeline.runner import run_pipeline
 from draftsmith.recipe.loader import load_recipe
@@ -25,26 +25,12 @@ from draftsmith.training.train_draft import latest_committed_checkpoint
 
 pytestmark = pytest.mark.slow
 
-DATA_OVERRIDES = [*TINY_BASE_OVERRIDES, "data.num_prompts=400", "training.validation_share=0.1"]
-SHORT_TRAINING = ["training.micro_batch_size=8", "training.warmup_steps=5", "training.lr=3e-3",
-                  "training.log_every=5"]
 
 
-@pytest.fixture(scope="module")
-def training_root(tiny_base, local_ray, tmp_path_factory) -> Path:
-    """A run folder whose stages up to `dataset` are done: 400 synthesized conversations, tokenized."""
-    root = tmp_path_factory.mktemp("draft-training")
-    recipe = load_recipe("tiny-eagle3", [*DATA_OVERRIDES, f"output_dir={root}"])
-    tracking.configure(recipe.tracking, root)
-    results = run_pipeline(recipe, pipeline_stages("dataset"))
-    assert results["dataset"].outputs["train"] > 300
-    return root
-
-
-def _train(root: Path, *overrides: str):
+def _train(root: Path, *overrides: str, until: str = "train"):
     recipe = load_recipe("tiny-eagle3", [*DATA_OVERRIDES, f"output_dir={root}", *SHORT_TRAINING, *overrides])
     tracking.configure(recipe.tracking, root)
-    return run_pipeline(recipe, pipeline_stages("train"))
+    return run_pipeline(recipe, pipeline_stages(until))
 
 
 def _history(run_id: str, key: str) -> list[float]:
@@ -86,6 +72,12 @@ def test_medusa_and_eagle1_train_under_zero3(training_root, algorithm):
     assert val_loss[-1] < val_loss[0] and val_acc[-1] > val_acc[0] + 0.05, (val_loss, val_acc)
     assert len(_history(run_id, "val/acc_step3")) == 2  # three heads / TTT steps each report an accuracy
     assert results["train"].outputs["steps"] == 30
+    if algorithm == "medusa":  # its heads, exported in vLLM's Medusa layout, run in vLLM (CPU) and get accepted
+        exported = _train(training_root, f"draft.algorithm={algorithm}", "training.zero_stage=3",
+                          "training.steps=30", "training.eval_every=30", "training.checkpoint_every=30",
+                          "quantization.format=none", "export.verify_prompts=4", until="export")
+        verification = exported["export"].outputs["verification"]
+        assert verification["identical"] and verification["num_accepted_tokens"] > 0, verification
 
 
 def _latest(stage_dirs) -> dict | None:

@@ -53,6 +53,10 @@ class Stage(ABC):
     def settings(self, recipe: Recipe) -> Any:
         """The part of the recipe this stage's outputs depend on (a pydantic model, dict or list)."""
 
+    def preflight(self, recipe: Recipe) -> None:
+        """Checks that need the tracking server (run once it is configured, before any stage runs)."""
+        return None
+
     @abstractmethod
     def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         """Do the work into `out_dir` (which may hold a previous partial attempt) and return named outputs."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -194,9 +194,27 @@ class QuantizationSettings(Strict):
 
 
 # ------------------------------------------------------------------------------------------------- export
+class TrtllmSettings(Strict):
+    """What goes into TensorRT-LLM's `extra_llm_api_options` YAML besides the speculative config."""
+
+    max_batch_size: int = Field(64, gt=0)
+    max_num_tokens: int = Field(8192, gt=0)
+    kv_cache_free_gpu_memory_fraction: float = Field(0.85, gt=0, le=1)
+    cuda_graph_max_batch_size: int = Field(64, ge=0, description="0 turns CUDA graphs off.")
+    capacity_scheduler_policy: Literal["GUARANTEED_NO_EVICT", "MAX_UTILIZATION", "STATIC_BATCH"] = \
+        "GUARANTEED_NO_EVICT"
+    extra: dict[str, Any] = Field(default_factory=dict, description="More top-level LLM API options, checked "
+                                  "against TensorRT-LLM's field list like the rest.")
+
+
 class ExportSettings(Strict):
     targets: list[Literal["vllm", "trtllm"]] = Field(default_factory=lambda: ["vllm", "trtllm"], min_length=1)
     max_draft_len: int = Field(3, gt=0, description="Draft tokens per step the engine configs ask for.")
+    dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="dtype of the unquantized tensors.")
+    verify_prompts: int = Field(8, ge=0, description="Prompts of the vLLM round trip that checks the export "
+                                "(greedy output with the draft == without it); 0 skips it.")
+    verify_max_tokens: int = Field(48, gt=0)
+    trtllm: TrtllmSettings = Field(default_factory=TrtllmSettings)
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -222,6 +240,13 @@ class TrackingSettings(Strict):
     )
     experiment: str = "draftsmith"
     registry_name: str = Field("draftsmith-draft", description="Registered model name for exported drafts.")
+    new_version_alias: str | None = Field(
+        "challenger", description="Alias a newly registered version gets (the evaluation gate decides champion)."
+    )
+    bundle_base: bool = Field(
+        True, description="Copy the base model into the registered version (the pyfunc runs it); false keeps only "
+        "its path, for large bases on shared storage.",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ serving

@@ -3,11 +3,16 @@
 from draftsmith.stages.base_model import BaseModelStage
 from draftsmith.stages.convert import ConvertStage
 from draftsmith.stages.dataset import DatasetStage
+from draftsmith.stages.export import ExportStage
 from draftsmith.stages.prompts import PromptsStage
+from draftsmith.stages.qat import QATStage
+from draftsmith.stages.quantize import QuantizeStage
+from draftsmith.stages.register import RegisterStage
 from draftsmith.stages.synthesize import SynthesizeStage
 from draftsmith.stages.train import TrainStage
 
-STAGES = (BaseModelStage, PromptsStage, SynthesizeStage, DatasetStage, ConvertStage, TrainStage)
+STAGES = (BaseModelStage, PromptsStage, SynthesizeStage, DatasetStage, ConvertStage, TrainStage, QuantizeStage,
+          QATStage, ExportStage, RegisterStage)
 
 
 def pipeline_stages(until: str | None = None) -> list:

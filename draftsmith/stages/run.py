@@ -17,6 +17,8 @@ def run_recipe(recipe: Recipe, until: str | None = None) -> dict[str, StageResul
     for stage in stages:  # bad inputs (e.g. a base folder that is no causal LM) fail before anything starts
         stage.settings(recipe)
     tracking.configure(recipe.tracking, recipe.output_dir)
+    for stage in stages:  # e.g. a registry name taken by another algorithm, before hours of training
+        stage.preflight(recipe)
     cluster.connect(recipe.ray)
     try:
         return run_pipeline(recipe, stages)

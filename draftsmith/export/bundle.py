@@ -1,0 +1,160 @@
+"""One export folder: draft variants, quantized base, engine configs and a manifest, written whole or not at all.
+
+    EXPORT/manifest.json                      what is here, where it came from, the checks it passed
+    EXPORT/draft/                             TensorRT-LLM's draft (ModelOpt aux-layer numbering)
+    EXPORT/draft-vllm/                        vLLM's draft (aux ids + 1)
+    EXPORT/draft-vllm-dequantized/            quantized drafts only: for vLLM's CPU build
+    EXPORT/base/                              the quantized base (HF checkpoint + quantization config), if any
+    EXPORT/trtllm/extra_llm_api_options.yaml  `trtllm-serve EXPORT/base --config ...`
+    EXPORT/vllm/speculative_config.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+from transformers import AutoConfig
+
+from draftsmith.draft.architecture import text_config
+from draftsmith.draft.checkpoint import WEIGHTS_FILE, read_meta
+from draftsmith.export.check_export import check_eagle_draft, check_medusa_export
+from draftsmith.export.draft_export import ExportError, export_draft
+from draftsmith.export.engine_configs import (UNSUPPORTED, relocate_engine_configs, relocated_engine_config,
+                                               write_engine_configs)
+from draftsmith.recipe.schema import ExportSettings
+
+MANIFEST = "manifest.json"
+FORMAT = "draftsmith-export/1"
+QUANTIZED_BASE = "base"
+
+
+def checkpoint_digest(checkpoint: Path) -> str:
+    """Identifies the draft an export was made from (its tensors file)."""
+    digest = hashlib.sha256()
+    with open(Path(checkpoint) / WEIGHTS_FILE, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def read_manifest(export_dir: str | Path) -> dict[str, Any]:
+    path = Path(export_dir) / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{export_dir} is not a draftsmith export ({MANIFEST} is missing)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ExportError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def check_destination(out_dir: Path, digest: str) -> bool:
+    """True when `out_dir` already holds this very export; ExportError when it holds another one."""
+    if not out_dir.exists():
+        return False
+    if not (out_dir / MANIFEST).is_file():
+        if any(out_dir.iterdir()):
+            raise ExportError(f"{out_dir} exists and is not an export; pick an empty or new folder")
+        return False
+    existing = read_manifest(out_dir)
+    if existing["draft"]["checkpoint_digest"] != digest:
+        raise ExportError(f"{out_dir} already holds the export of another draft (checkpoint "
+                          f"{existing['draft']['checkpoint_digest']}, this one {digest}); pick another folder or "
+                          "delete it")
+    return True
+
+
+def _check_draft(out_dir: Path, exported: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    meta = exported["meta"]
+    base = text_config(AutoConfig.from_pretrained(str(base_dir)))
+    if meta["algorithm"] == "medusa":
+        return {"trtllm": check_medusa_export(out_dir / exported["variants"]["trtllm"],
+                                              num_heads=meta["medusa_heads"]),
+                "vllm": check_medusa_export(out_dir / exported["variants"]["vllm"], num_heads=meta["medusa_heads"],
+                                            prefix="")}
+    config = json.loads((out_dir / exported["variants"]["trtllm"] / "config.json").read_text())
+    aux = config.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids") or []
+    num_aux = len(aux) if config.get("eagle_config", {}).get("use_aux_hidden_state") else 0
+    checks = {}
+    for variant, folder in exported["variants"].items():
+        checks[variant] = check_eagle_draft(
+            out_dir / folder, hidden_size=base.hidden_size, vocab_size=base.vocab_size, num_aux=num_aux,
+            draft_vocab_size=meta.get("draft_vocab_size"),
+            quantized=exported["quantization"] is not None and variant != "vllm_cpu")
+    return checks
+
+
+def export_bundle(*, checkpoint: Path, base_dir: Path, base_hash: str, quantized_base_dir: Path | None,
+                  settings: ExportSettings, out_dir: Path,
+                  verify: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Export into a temporary sibling of `out_dir` and move it into place once every check passed.
+
+    `verify(folder, manifest)` (the engine round trip) runs on the finished temporary folder; what it returns is
+    recorded in the manifest, and an exception from it leaves nothing behind.
+    """
+    meta = read_meta(checkpoint)
+    digest = checkpoint_digest(checkpoint)
+    if check_destination(out_dir, digest):
+        return read_manifest(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        exported = export_draft(checkpoint, base_dir, tmp, dtype=settings.dtype)
+        checks = _check_draft(tmp, exported, base_dir)
+        if quantized_base_dir is not None:
+            shutil.copytree(quantized_base_dir, tmp / QUANTIZED_BASE)
+        first = next(iter(checks.values()))
+        manifest = {
+            "format": FORMAT, "algorithm": meta["algorithm"], "quantization": exported["quantization"],
+            "base_model": {"dir": str(Path(base_dir).resolve()), "hash": base_hash},
+            "quantized_base": QUANTIZED_BASE if quantized_base_dir is not None else None,
+            "draft": {"variants": exported["variants"], "checkpoint_digest": digest,
+                      "aux_layer_ids": first.get("aux_layer_ids"), "checks": checks,
+                      "draft_vocab_size": meta.get("draft_vocab_size"), "medusa_heads": meta.get("medusa_heads"),
+                      "trained_steps": meta.get("trained_steps"), "training_run_id": meta.get("training_run_id")},
+            "export_settings": settings.model_dump(mode="json"),
+        }
+        manifest["export_digest"] = hashlib.sha256(json.dumps(
+            [digest, manifest["export_settings"], manifest["quantized_base"]], sort_keys=True).encode()).hexdigest()[:16]
+        manifest["engine_configs"] = write_engine_configs(tmp, manifest, settings)
+        manifest["engines_without_config"] = {t: UNSUPPORTED[(t, meta["algorithm"])] for t in settings.targets
+                                              if t not in manifest["engine_configs"]}
+        if verify is not None:
+            manifest["verification"] = verify(tmp, manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out_dir)
+    relocate_engine_configs(out_dir, manifest)  # they were written with the temporary folder's paths
+    return manifest
+
+
+def export_engine_config(export_dir: Path, target: str, device: str = "gpu") -> dict[str, Any] | None:
+    """The engine config for an export wherever it is now (e.g. downloaded from the registry)."""
+    return relocated_engine_config(Path(export_dir), read_manifest(export_dir), target, device=device)
+
+
+def copy_export(export_dir: Path, destination: Path) -> Path:
+    """Copy a finished export to `destination` (whole or not at all); refused when it holds another export."""
+    manifest = read_manifest(export_dir)
+    destination = Path(destination)
+    if check_destination(destination, manifest["draft"]["checkpoint_digest"]):
+        return destination
+    tmp = destination.with_name(f".{destination.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(export_dir, tmp)
+    if destination.exists():
+        destination.rmdir()  # empty: check_destination refused anything else
+    os.replace(tmp, destination)
+    relocate_engine_configs(destination, manifest)
+    return destination

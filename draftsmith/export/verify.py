@@ -1,0 +1,51 @@
+"""The export's round trip through a real engine: vLLM loads the exported draft beside the base and generates;
+speculative decoding is lossless, so greedy output must equal the base's own greedy output token for token."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from draftsmith.engines.vllm_offline import run_vllm_chat
+from draftsmith.export.engine_configs import vllm_runtime_config
+
+log = logging.getLogger(__name__)
+
+
+class RoundTripError(RuntimeError):
+    """vLLM's output with the draft differs from its output without it: the export is wrong."""
+
+
+def first_user_turns(conversation_files: list[str], count: int) -> list[list[dict[str, str]]]:
+    """The opening user message of the first `count` conversations (OpenAI chat jsonl), as prompts."""
+    prompts: list[list[dict[str, str]]] = []
+    for path in conversation_files:
+        with open(path) as f:
+            for line in f:
+                messages = json.loads(line).get("messages", [])
+                user = next((m for m in messages if m.get("role") == "user"), None)
+                if user is not None:
+                    prompts.append([{"role": "user", "content": user["content"]}])
+                if len(prompts) == count:
+                    return prompts
+    return prompts
+
+
+def greedy_round_trip(base_dir: Path, speculative_config: dict[str, Any], prompts: list[list[dict[str, str]]],
+                      max_tokens: int) -> dict[str, Any]:
+    """Run the base with and without the draft in vLLM; return the comparison and vLLM's acceptance counters."""
+    plain = run_vllm_chat(base_dir, prompts, max_tokens)
+    drafted = run_vllm_chat(base_dir, prompts, max_tokens, speculative_config=vllm_runtime_config(speculative_config))
+    mismatches = [i for i, (a, b) in enumerate(zip(plain["outputs"], drafted["outputs"], strict=True))
+                  if a["token_ids"] != b["token_ids"]]
+    counters = drafted["spec_decode"] or {}
+    result = {"prompts": len(prompts), "identical": not mismatches, "mismatched_prompts": mismatches,
+              "output_tokens": drafted["output_tokens"], "acceptance_length": counters.get("acceptance_length"),
+              "num_drafts": counters.get("num_drafts", 0), "num_accepted_tokens": counters.get("num_accepted_tokens", 0),
+              "accepted_per_position": counters.get("num_accepted_tokens_per_pos"),
+              "tokens_per_s": {"base": plain["output_tokens_per_s"], "with_draft": drafted["output_tokens_per_s"]}}
+    log.info("vLLM round trip: %d prompts, identical=%s, acceptance length %s", len(prompts), result["identical"],
+             result["acceptance_length"])
+    return result

@@ -1,0 +1,1 @@
+"""Fake quantization (ModelOpt) of a trained draft and its base, and the QAT finetune that follows it."""

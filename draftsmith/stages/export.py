@@ -1,0 +1,58 @@
+"""Stage `export`: the (QAT-finetuned) draft in the runtimes' format, the quantized base and the engine configs,
+checked by a greedy round trip through vLLM before the stage reports success."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from draftsmith import tracking
+from draftsmith.export.bundle import MANIFEST, export_bundle
+from draftsmith.export.engine_configs import engine_config
+from draftsmith.export.verify import RoundTripError, first_user_turns, greedy_round_trip
+from draftsmith.pipeline.stage import Stage, StageContext
+from draftsmith.recipe.schema import Recipe
+
+EXPORT_DIR = "export"
+
+
+class ExportStage(Stage):
+    name = "export"
+    depends_on = ("base", "synthesize", "quantize", "qat")
+
+    def settings(self, recipe: Recipe) -> Any:
+        return recipe.export
+
+    def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+        recipe, base = ctx.recipe, ctx.upstream["base"].outputs
+        settings = recipe.export
+        device = "gpu" if recipe.training.use_gpu else "cpu"
+
+        def round_trip(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+            config = engine_config(folder, manifest, "vllm", device=device, settings=settings)
+            if settings.verify_prompts == 0 or "vllm" not in settings.targets or config is None:
+                return {"skipped": True}
+            prompts = first_user_turns(ctx.upstream["synthesize"].outputs["conversations"], settings.verify_prompts)
+            result = greedy_round_trip(Path(base["model_dir"]), config, prompts, settings.verify_max_tokens)
+            if not result["identical"]:
+                raise RoundTripError(
+                    f"vLLM's greedy output with the exported draft differs from the base's on prompts "
+                    f"{result['mismatched_prompts']} of {result['prompts']}: the export is not lossless"
+                )
+            return result
+
+        quantized_base = ctx.upstream["quantize"].outputs.get("quantized_base_dir")
+        manifest = export_bundle(
+            checkpoint=Path(ctx.upstream["qat"].outputs["draft_dir"]), base_dir=Path(base["model_dir"]),
+            base_hash=base["model_hash"], quantized_base_dir=Path(quantized_base) if quantized_base else None,
+            settings=settings, out_dir=out_dir / EXPORT_DIR, verify=round_trip,
+        )
+        verification = manifest.get("verification", {})
+        if verification.get("acceptance_length") is not None:
+            tracking.log_metrics({"roundtrip_acceptance_length": verification["acceptance_length"],
+                                  "roundtrip_identical": float(verification["identical"])})
+        tracking.log_artifact(out_dir / EXPORT_DIR / MANIFEST)
+        tracking.set_tags({"draftsmith.export": str((out_dir / EXPORT_DIR).resolve())})
+        return {"export_dir": str((out_dir / EXPORT_DIR).resolve()), "algorithm": manifest["algorithm"],
+                "variants": manifest["draft"]["variants"], "engine_configs": manifest["engine_configs"],
+                "verification": verification}

@@ -1,0 +1,33 @@
+"""Export: the draft in the runtimes' format, the quantized base and the engine configs, round-tripped in vLLM.
+
+    python -m jobs.export --recipe tiny-eagle3 [--output DIR]
+
+Runs the stages it depends on first (skipped when done); the export lands in OUTPUT_DIR/RECIPE/export-*/export
+and, with --output, is copied to DIR (refused when DIR holds the export of another draft).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from draftsmith.cli import parse_recipe, recipe_parser, run_main
+
+
+def main() -> int:
+    from draftsmith.export.bundle import copy_export
+    from draftsmith.stages.run import run_recipe, summary
+
+    parser = recipe_parser(__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, help="also copy the export folder here")
+    args = parser.parse_args()
+    results = run_recipe(parse_recipe(args), until="export")
+    report = summary(results)["export"]
+    if args.output is not None:
+        report["copied_to"] = str(copy_export(Path(report["outputs"]["export_dir"]), args.output))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
