@@ -37,10 +37,19 @@ def _use_ttt_mask_cache(model, shape: tuple[int, int]) -> None:
     module._cached_attn_blk_masks = cache
 
 
+# Algorithms whose training objective was corrected after drafts were trained with it; the train stage puts the
+# revision into its fingerprint (only for algorithms listed, so the others keep their finished runs).
+OBJECTIVE_REVISIONS = {"medusa": 2}  # 2: heads learn token t + 2 + k (they learned t + 1 + k)
+
+
 def draft_forward(model, batch: dict[str, torch.Tensor], algorithm: str) -> tuple[torch.Tensor, list[float]]:
     """(loss, accuracy per TTT step or per Medusa head) for one micro batch; `model` may be a DeepSpeed engine."""
     if algorithm == "medusa":
-        labels = batch["input_ids"].masked_fill(batch["target_mask"] == 0, IGNORE_INDEX)
+        # ModelOpt's Medusa loss takes labels already shifted (labels[t] = the token after t) and shifts them by
+        # 1 + k more for head k, so head k at position t learns token t + 2 + k: the one after the base's own
+        # next token, which is what vLLM and TensorRT-LLM ask of it.
+        labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        labels[:, :-1] = batch["input_ids"][:, 1:].masked_fill(batch["target_mask"][:, 1:] == 0, IGNORE_INDEX)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
         accuracies = []
         for k, logits in enumerate(out["medusa_logits"]):

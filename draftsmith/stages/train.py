@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from draftsmith import tracking
+from draftsmith.draft.objective import OBJECTIVE_REVISIONS
 from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.recipe.schema import Recipe
 from draftsmith.training.train_draft import train_draft
@@ -17,8 +18,10 @@ class TrainStage(Stage):
 
     def settings(self, recipe: Recipe) -> dict[str, Any]:
         # How often to log or keep checkpoints, failures tolerated and the resume policy do not change the result.
-        return recipe.training.model_dump(mode="json", exclude={"log_every", "keep_checkpoints", "max_failures",
-                                                                "resume"})
+        settings = recipe.training.model_dump(mode="json", exclude={"log_every", "keep_checkpoints", "max_failures",
+                                                                    "resume"})
+        revision = OBJECTIVE_REVISIONS.get(recipe.draft.algorithm)
+        return settings if revision is None else {**settings, "objective_revision": revision}
 
     def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         summary = train_draft(
