@@ -1,6 +1,10 @@
-"""Run the benchmarks of the stages that exist on a recipe's embedded base; write bench-results/results.md.
+"""Run the benchmarks of every stage on a recipe's embedded base; write bench-results/results.md and .json.
 
     python -m jobs.bench --recipe tiny-eagle3 [--rebuild]
+
+The pipeline's own stages run (or are found done) under OUTPUT_DIR like `make demo`, plus two variants of the
+recipe for the comparison table (a bf16 EAGLE-3 draft and a Medusa draft); then the base, synthesis and
+training benchmarks run in this process.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import ray
 from draftsmith import cluster, tracking
 from draftsmith.bench.embedded_base import build_section, throughput_section
 from draftsmith.bench.report import write_results
+from draftsmith.bench.speculation import speculation_sections
 from draftsmith.bench.synthesis import synthesis_section
 from draftsmith.bench.training import training_section
 from draftsmith.cli import parse_recipe, recipe_parser, run_main
@@ -32,6 +37,8 @@ def main() -> int:
         raise ValueError("the benchmarks run on the embedded base; use a recipe with `base.model: embedded`")
     if args.rebuild:
         os.environ["DRAFTSMITH_CACHE_DIR"] = tempfile.mkdtemp(prefix="draftsmith-bench-")
+    # The pipelines open their own MLflow runs (and Ray), so they go first, outside the bench run.
+    speculation = speculation_sections(args.recipe, args.overrides)
     tracking.configure(recipe.tracking, recipe.output_dir)
     with tracking.start_run("bench", tags={"draftsmith.recipe": recipe.name}):
         cluster.connect(recipe.ray)
@@ -41,7 +48,7 @@ def main() -> int:
             training = training_section(model_dir, recipe)
         finally:
             ray.shutdown()  # free the cores before measuring plain generation
-        sections = [build_section(model_dir), throughput_section(model_dir), synthesis, training]
+        sections = [build_section(model_dir), throughput_section(model_dir), synthesis, training, *speculation]
         results = write_results(sections, Path(args.out), command_line())
         tracking.log_artifact(results.parent)
     print(results.read_text())

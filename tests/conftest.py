@@ -35,6 +35,16 @@ TINY_BASE_OVERRIDES = [
 DATA_OVERRIDES = [*TINY_BASE_OVERRIDES, "data.num_prompts=400", "training.validation_share=0.1"]
 SHORT_TRAINING = ["training.micro_batch_size=8", "training.warmup_steps=5", "training.lr=3e-3",
                   "training.log_every=5"]
+# The second half of the workflow on top of `training_root` (the `flow` fixture): a short bf16 training -> FP8
+# PTQ -> QAT -> export -> evaluation on a handful of prompts -> registry version through the gate.
+FLOW_REGISTRY = "tiny-draft-under-test"
+EVAL_SETS = (f"evaluation.prompt_sets=[{{name: embedded-heldout, limit: 3}}, {{name: embedded-mtbench, path: "
+             f"{ROOT / 'platform/prompts/embedded-mtbench.jsonl'}, limit: 2}}]")
+SHORT_EVALUATION = [EVAL_SETS, "evaluation.max_tokens=24", "evaluation.gate_limit=3"]
+FLOW = [*SHORT_TRAINING, "training.steps=40", "training.eval_every=40", "training.checkpoint_every=40",
+        "quantization.calibration_samples=32", "quantization.qat.steps=30", "quantization.qat.lr=1e-3",
+        "export.verify_prompts=4", "export.verify_max_tokens=32", *SHORT_EVALUATION,
+        f"tracking.registry_name={FLOW_REGISTRY}"]
 
 
 def free_port() -> int:
@@ -136,3 +146,17 @@ def training_root(tiny_base, local_ray, tmp_path_factory) -> Path:
     results = run_pipeline(recipe, pipeline_stages("dataset"))
     assert results["dataset"].outputs["train"] > 300
     return root
+
+
+@pytest.fixture(scope="session")
+def flow(training_root, mlflow_server):
+    """(recipe, stage results) of the whole pipeline on `training_root` against the MLflow server."""
+    from draftsmith import tracking
+    from draftsmith.pipeline.runner import run_pipeline
+    from draftsmith.recipe.loader import load_recipe
+    from draftsmith.stages import pipeline_stages
+
+    recipe = load_recipe("tiny-eagle3", [*DATA_OVERRIDES, f"output_dir={training_root}", *FLOW,
+                                         f"tracking.uri={mlflow_server}"])
+    tracking.configure(recipe.tracking, training_root)
+    return recipe, run_pipeline(recipe, pipeline_stages("register"))

@@ -12,30 +12,13 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import DATA_OVERRIDES, SHORT_TRAINING, clean_env, run_job
+from conftest import FLOW_REGISTRY as REGISTRY_NAME, clean_env, run_job
 from draftsmith import tracking
 from draftsmith.export.engine_configs import TRTLLM_FILE
 from draftsmith.export.trtllm_schema import EngineConfigError, check_trtllm_options
-from draftsmith.pipeline.runner import run_pipeline
-from draftsmith.recipe.loader import load_recipe
 from draftsmith.registry.register import RegistryError, register_export
-from draftsmith.stages import pipeline_stages
 
 pytestmark = pytest.mark.slow
-
-REGISTRY_NAME = "tiny-draft-under-test"
-FLOW = [*SHORT_TRAINING, "training.steps=40", "training.eval_every=40", "training.checkpoint_every=40",
-        "quantization.calibration_samples=32", "quantization.qat.steps=30", "quantization.qat.lr=1e-3",
-        "export.verify_prompts=4", "export.verify_max_tokens=32", f"tracking.registry_name={REGISTRY_NAME}"]
-
-
-@pytest.fixture(scope="module")
-def flow(training_root, mlflow_server):
-    recipe = load_recipe("tiny-eagle3", [*DATA_OVERRIDES, f"output_dir={training_root}", *FLOW,
-                                         f"tracking.uri={mlflow_server}"])
-    tracking.configure(recipe.tracking, training_root)
-    return recipe, run_pipeline(recipe, pipeline_stages("register"))
-
 
 def _history(run_id: str, key: str) -> list[float]:
     return tracking.metric_history(run_id, key)[1]
@@ -77,8 +60,10 @@ def test_registered_version_has_lineage_and_its_pyfunc_generates(flow, mlflow_se
     recipe, results = flow
     registered = results["register"].outputs
     client = MlflowClient()
-    version = client.get_model_version_by_alias(REGISTRY_NAME, "challenger")
-    assert version.version == registered["version"]
+    # The first version of a name has no champion to beat: the gate promotes it.
+    assert registered["alias"] == "champion" and registered["gate"]["reason"] == "no champion yet"
+    version = client.get_model_version_by_alias(REGISTRY_NAME, "champion")
+    assert version.version == registered["version"] and version.tags["draftsmith.gate"] == "promoted"
     tags = version.tags
     assert tags["draftsmith.algorithm"] == "eagle3" and tags["draftsmith.quantization"] == "fp8"
     assert tags["draftsmith.base_model_hash"] == results["base"].outputs["model_hash"]
@@ -90,7 +75,7 @@ def test_registered_version_has_lineage_and_its_pyfunc_generates(flow, mlflow_se
     # A fresh process, as a user would: load by alias, generate.
     script = (
         "import mlflow, pandas as pd, json; "
-        f"m = mlflow.pyfunc.load_model('models:/{REGISTRY_NAME}@challenger'); "
+        f"m = mlflow.pyfunc.load_model('models:/{REGISTRY_NAME}@champion'); "
         "out = m.predict(pd.DataFrame({'prompt': ['What is 3 + 4?', 'Sort: pear, fig, apple']}), "
         "params={'max_tokens': 24}); print('RESULT' + json.dumps(out))"
     )
@@ -104,9 +89,9 @@ def test_registered_version_has_lineage_and_its_pyfunc_generates(flow, mlflow_se
     again = register_export(name=REGISTRY_NAME, export_dir=results["export"].directory / "export",
                             base_dir=results["base"].outputs["model_dir"],
                             recipe_file=results["register"].directory / "recipe.yaml", tags={},
-                            num_speculative_tokens=3, alias="champion")
+                            num_speculative_tokens=3, alias="challenger")
     assert again["reused"] and again["version"] == registered["version"]
-    assert client.get_model_version_by_alias(REGISTRY_NAME, "champion").version == registered["version"]
+    assert client.get_model_version_by_alias(REGISTRY_NAME, "challenger").version == registered["version"]
     # The same name for another algorithm is refused before anything is written.
     client.set_registered_model_tag(REGISTRY_NAME, "draftsmith.algorithm", "medusa")
     try:

@@ -59,7 +59,7 @@ def test_each_bad_kind_is_quarantined_with_its_line(tmp_path):
     assert "invalid JSON" in reasons[2]
     assert "unknown role 'tool'" in reasons[3]
     assert "empty conversation" in reasons[4] and "empty conversation" in reasons[5]
-    assert "no 'messages' or 'conversations' field" in reasons[6]
+    assert "no 'messages', 'conversations' or 'turns' field" in reasons[6]
     assert "over the length limit" in reasons[7]
     assert "JSON object" in reasons[8]
     assert all(b.source == path for b in bad)

@@ -16,3 +16,30 @@ def cpu_engine_kwargs() -> dict[str, Any]:
     """
     gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1)
     return {"dtype": "float32", "kv_cache_memory_bytes": int(gib * GIB)}
+
+
+def fix_cpu_expand_kernel() -> None:
+    """vLLM plugin (entry point `vllm.general_plugins`, loaded in every vLLM process before the CPU kernels are
+    registered): a correct CPU fallback for the rejection sampler's `expand_kernel`.
+
+    vllm-cpu 0.32's fallback casts its output tensor to int64 and writes into that copy, so the per-token
+    temperatures, top-p and top-k of a speculative step stay uninitialised memory: target probabilities come out
+    NaN and, with sampling (temperature > 0), no draft token is ever accepted. Greedy requests do not use it.
+    """
+    try:
+        from vllm.utils import cpu_triton_utils
+    except ImportError:  # a CUDA build: the Triton kernel runs
+        return
+    if hasattr(cpu_triton_utils, "_expand_kernel_impl"):
+        cpu_triton_utils._expand_kernel_impl = expand_batch_values
+
+
+def expand_batch_values(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None) -> None:
+    """output[tokens of request i] = input_val[i] (replace_from mapped to replace_to), like vLLM's Triton kernel."""
+    import torch
+
+    ends = cu_num_tokens.to(torch.int64)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    values = torch.where(input_val == replace_from, torch.as_tensor(replace_to, dtype=input_val.dtype), input_val)
+    total = int(ends[-1]) if ends.numel() else 0
+    output[:total] = torch.repeat_interleave(values, counts).to(output.dtype)

@@ -1,15 +1,20 @@
-"""Greedy chat generation with vLLM's offline engine, run as its own process (vLLM's engine spawns workers).
+"""Chat generation with vLLM's offline engine, run as its own process (vLLM's engine spawns workers).
 
-    python -m draftsmith.engines.vllm_offline --model DIR --prompts prompts.jsonl --out result.json \
+    python -m draftsmith.engines.vllm_offline --model DIR --plan plan.json --out result.json \
         [--speculative-config '{"method": "eagle3", "model": DRAFT_DIR, "num_speculative_tokens": 3}']
 
-`prompts.jsonl` holds one OpenAI-format `messages` list per line. The result holds, per prompt, the generated
-token ids and text, the run's timing (output tokens/s) and, with a draft, vLLM's speculative-decoding counters.
+A plan is a list of generation runs on one engine (one engine start, so runs compare on equal terms). A run
+holds conversations (`messages` to answer, then optional `followups`: later user turns, each asked after the
+model's own previous answer, as in MT-bench), a temperature, `max_tokens` and a `concurrency` (requests in
+flight at once). Per run the result holds each conversation's generated turns (token ids, text), wall time,
+output tokens/s, per-request time to first token and time per output token, and, with a speculative config,
+vLLM's speculative-decoding counters over that run alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -20,15 +25,17 @@ from pathlib import Path
 from typing import Any
 
 
-def run_vllm_chat(model: str | Path, conversations: list[list[dict[str, str]]], max_tokens: int,
-                  timeout_s: float = 900.0, dtype: str = "float32",
-                  speculative_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the generator in a child process and return its result (raises with vLLM's log on failure)."""
+def run_vllm_plan(model: str | Path, runs: list[dict[str, Any]], speculative_config: dict[str, Any] | None = None,
+                  device: str = "cpu", dtype: str | None = None, max_model_len: int = 1024,
+                  timeout_s: float = 1800.0) -> list[dict[str, Any]]:
+    """Run the plan in a child process and return one result per run (raises with vLLM's log on failure)."""
     with tempfile.TemporaryDirectory(prefix="draftsmith-vllm-") as tmp:
-        prompts, out = Path(tmp) / "prompts.jsonl", Path(tmp) / "result.json"
-        prompts.write_text("".join(json.dumps(c) + "\n" for c in conversations))
-        cmd = [sys.executable, "-m", "draftsmith.engines.vllm_offline", "--model", str(model), "--prompts",
-               str(prompts), "--out", str(out), "--max-tokens", str(max_tokens), "--dtype", dtype]
+        plan, out = Path(tmp) / "plan.json", Path(tmp) / "result.json"
+        plan.write_text(json.dumps(runs))
+        cmd = [sys.executable, "-m", "draftsmith.engines.vllm_offline", "--model", str(model), "--plan", str(plan),
+               "--out", str(out), "--device", device, "--max-model-len", str(max_model_len)]
+        if dtype is not None:
+            cmd += ["--dtype", dtype]
         if speculative_config is not None:
             cmd += ["--speculative-config", json.dumps(speculative_config)]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
@@ -42,31 +49,25 @@ def run_vllm_chat(model: str | Path, conversations: list[list[dict[str, str]]], 
         return json.loads(out.read_text())
 
 
-def _generate(args: argparse.Namespace) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
-
-    from draftsmith.engines.vllm_cpu import cpu_engine_kwargs
-
-    conversations = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    kwargs = {**cpu_engine_kwargs(), "dtype": args.dtype} if args.device == "cpu" else {"dtype": args.dtype}
-    if args.speculative_config:
-        kwargs["speculative_config"] = json.loads(args.speculative_config)
-    llm = LLM(model=args.model, max_model_len=args.max_model_len, seed=0, enable_prefix_caching=False,
-              disable_log_stats=not args.speculative_config, **kwargs)
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    started = time.perf_counter()
-    outputs = llm.chat(conversations, params, use_tqdm=False)
-    seconds = time.perf_counter() - started
-    results = [{"text": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids),
-                "finish_reason": o.outputs[0].finish_reason} for o in outputs]
-    generated = sum(len(r["token_ids"]) for r in results)
-    return {"outputs": results, "seconds": seconds, "output_tokens": generated,
-            "output_tokens_per_s": generated / seconds if seconds > 0 else 0.0,
-            "spec_decode": _spec_decode_counters(llm) if args.speculative_config else None}
+def run_vllm_chat(model: str | Path, conversations: list[list[dict[str, str]]], max_tokens: int,
+                  timeout_s: float = 900.0, dtype: str | None = None,
+                  speculative_config: dict[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Greedy answers to `conversations` (message lists), all in flight at once; one result with `outputs`."""
+    run = {"name": "chat", "conversations": [{"messages": c} for c in conversations], "temperature": 0.0,
+           "max_tokens": max_tokens, "concurrency": max(1, len(conversations))}
+    result = run_vllm_plan(model, [run], speculative_config, device=device, dtype=dtype, timeout_s=timeout_s)[0]
+    result["outputs"] = [c["turns"][0] for c in result["conversations"]]
+    return result
 
 
-def _spec_decode_counters(llm) -> dict[str, Any]:
-    """vLLM's speculative-decoding counters; mean acceptance length = 1 + accepted / drafts (tokens per step)."""
+# --------------------------------------------------------------------------------------- the child process
+def _seed(run: str, index: int, turn: int) -> int:
+    """Per-request sampling seed: the same request samples the same way with and without a draft."""
+    return int.from_bytes(hashlib.sha256(f"{run}/{index}/{turn}".encode()).digest()[:4], "little") >> 1
+
+
+def _counters(llm) -> dict[str, Any]:
+    """vLLM's cumulative speculative-decoding counters (summed over engines)."""
     from vllm.v1.metrics.reader import Counter, Vector
 
     counters: dict[str, Any] = {}
@@ -78,19 +79,111 @@ def _spec_decode_counters(llm) -> dict[str, Any]:
             elif isinstance(metric, Vector):
                 previous = counters.get(key, [0] * len(metric.values))
                 counters[key] = [a + b for a, b in zip(previous, metric.values, strict=True)]
-    drafts = counters.get("num_drafts", 0)
-    counters["acceptance_length"] = 1 + counters.get("num_accepted_tokens", 0) / drafts if drafts else None
     return counters
+
+
+def spec_decode_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The counters of one run; mean acceptance length = 1 + accepted / drafts (tokens per verification step)."""
+    delta: dict[str, Any] = {}
+    for key, value in after.items():
+        if isinstance(value, list):
+            previous = before.get(key, [0] * len(value))
+            delta[key] = [a - b for a, b in zip(value, previous, strict=True)]
+        else:
+            delta[key] = value - before.get(key, 0)
+    drafts = delta.get("num_drafts", 0)
+    delta["acceptance_length"] = 1 + delta.get("num_accepted_tokens", 0) / drafts if drafts else None
+    return delta
+
+
+def _request_timing(output) -> tuple[float | None, float | None]:
+    """(time to first token, time per output token after the first) of a finished request, in seconds."""
+    stats = getattr(output, "metrics", None)
+    if stats is None or not getattr(stats, "first_token_ts", 0):
+        return None, None
+    n = stats.num_generation_tokens
+    tpot = (stats.last_token_ts - stats.first_token_ts) / (n - 1) if n > 1 else None
+    return stats.first_token_latency, tpot
+
+
+def _generate_run(llm, run: dict[str, Any], speculative: bool, max_model_len: int) -> dict[str, Any]:
+    from vllm import SamplingParams
+
+    conversations = run["conversations"]
+    histories = [list(c["messages"]) for c in conversations]
+    pending = [list(c.get("followups", [])) for c in conversations]
+    results: list[dict[str, Any]] = [{"turns": []} for _ in conversations]
+    ttft: list[float] = []
+    tpot: list[float] = []
+    concurrency = max(1, int(run.get("concurrency", 1)))
+    before = _counters(llm) if speculative else {}
+    started = time.perf_counter()
+    turn = 0
+    active = list(range(len(conversations)))
+    tokenizer = llm.get_tokenizer()
+    while active:
+        # A turn whose history leaves no room in the context ends its conversation (vLLM would fail the batch).
+        room = {i: max_model_len - len(tokenizer.apply_chat_template(
+            histories[i], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) for i in active}
+        for i in active:
+            if room[i] < 2:
+                results[i]["truncated"] = True
+                pending[i] = []
+        active = [i for i in active if room[i] >= 2]
+        for lo in range(0, len(active), concurrency):
+            chunk = active[lo: lo + concurrency]
+            params = [SamplingParams(temperature=float(run["temperature"]), top_p=float(run.get("top_p", 1.0)),
+                                     max_tokens=min(int(run["max_tokens"]), room[i] - 1),
+                                     seed=_seed(run["name"], i, turn)) for i in chunk]
+            outputs = llm.chat([histories[i] for i in chunk], params, use_tqdm=False)
+            for i, output in zip(chunk, outputs, strict=True):
+                completion = output.outputs[0]
+                results[i]["turns"].append({"text": completion.text, "token_ids": list(completion.token_ids),
+                                            "finish_reason": completion.finish_reason})
+                first, per_token = _request_timing(output)
+                if first is not None:
+                    ttft.append(first)
+                if per_token is not None:
+                    tpot.append(per_token)
+                histories[i].append({"role": "assistant", "content": completion.text})
+        # Follow-up turns are asked after the model's own answer, so each round waits for the previous one.
+        active = [i for i in active if pending[i]]
+        for i in active:
+            histories[i].append({"role": "user", "content": pending[i].pop(0)})
+        turn += 1
+    seconds = time.perf_counter() - started
+    generated = sum(len(t["token_ids"]) for r in results for t in r["turns"])
+    return {"name": run["name"], "conversations": results, "seconds": seconds, "output_tokens": generated,
+            "output_tokens_per_s": generated / seconds if seconds > 0 else 0.0, "ttft_s": ttft, "tpot_s": tpot,
+            "spec_decode": spec_decode_delta(before, _counters(llm)) if speculative else None}
+
+
+def _generate(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from vllm import LLM
+
+    from draftsmith.engines.vllm_cpu import cpu_engine_kwargs
+
+    runs = json.loads(Path(args.plan).read_text())
+    kwargs: dict[str, Any] = cpu_engine_kwargs() if args.device == "cpu" else {}
+    if args.dtype:
+        kwargs["dtype"] = args.dtype
+    if args.speculative_config:
+        kwargs["speculative_config"] = json.loads(args.speculative_config)
+    llm = LLM(model=args.model, max_model_len=args.max_model_len, seed=0, enable_prefix_caching=False,
+              disable_log_stats=False, **kwargs)
+    try:
+        return [_generate_run(llm, run, bool(args.speculative_config), args.max_model_len) for run in runs]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--prompts", required=True)
+    parser.add_argument("--plan", required=True, help="JSON list of runs (see the module docstring)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=1024)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, the model's dtype on GPUs")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--speculative-config", default=None, help="vLLM speculative_config as JSON")
     args = parser.parse_args()

@@ -34,10 +34,11 @@ def first_user_turns(conversation_files: list[str], count: int) -> list[list[dic
 
 
 def greedy_round_trip(base_dir: Path, speculative_config: dict[str, Any], prompts: list[list[dict[str, str]]],
-                      max_tokens: int) -> dict[str, Any]:
+                      max_tokens: int, device: str = "cpu") -> dict[str, Any]:
     """Run the base with and without the draft in vLLM; return the comparison and vLLM's acceptance counters."""
-    plain = run_vllm_chat(base_dir, prompts, max_tokens)
-    drafted = run_vllm_chat(base_dir, prompts, max_tokens, speculative_config=vllm_runtime_config(speculative_config))
+    plain = run_vllm_chat(base_dir, prompts, max_tokens, device=device)
+    drafted = run_vllm_chat(base_dir, prompts, max_tokens, speculative_config=vllm_runtime_config(speculative_config),
+                            device=device)
     mismatches = [i for i, (a, b) in enumerate(zip(plain["outputs"], drafted["outputs"], strict=True))
                   if a["token_ids"] != b["token_ids"]]
     counters = drafted["spec_decode"] or {}

@@ -109,7 +109,7 @@ class DraftSettings(Strict):
 # -------------------------------------------------------------------------------------------------- data
 class DataSource(Strict):
     path: str = Field(description="A jsonl or parquet file, or a folder of them.")
-    format: Literal["auto", "openai", "sharegpt"] = "auto"
+    format: Literal["auto", "openai", "sharegpt", "mtbench"] = "auto"
 
 
 class DataSettings(Strict):
@@ -219,18 +219,44 @@ class ExportSettings(Strict):
 
 # --------------------------------------------------------------------------------------------- evaluation
 class PromptSet(Strict):
-    name: str
-    path: str | None = Field(None, description="jsonl of prompts; None means the embedded held-out prompts.")
-    limit: int | None = Field(None, gt=0)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Names the set in reports and MLflow metrics.")
+    path: str | None = Field(None, description="jsonl/parquet of prompts (OpenAI `messages`, ShareGPT "
+                             "`conversations` or MT-bench `turns`; multi-turn is asked turn by turn); None means the "
+                             "embedded base's held-out conversations.")
+    format: Literal["auto", "openai", "sharegpt", "mtbench"] = "auto"
+    limit: int | None = Field(None, gt=0, description="Use the first this many conversations.")
 
 
 class EvaluationSettings(Strict):
-    prompt_sets: list[PromptSet] = Field(default_factory=lambda: [PromptSet(name="embedded-heldout")])
+    prompt_sets: list[PromptSet] = Field(default_factory=lambda: [PromptSet(name="embedded-heldout")], min_length=1)
     num_speculative_tokens: int = Field(3, gt=0)
-    temperatures: list[float] = Field(default_factory=lambda: [0.0, 0.7])
-    max_tokens: int = Field(128, gt=0)
+    temperatures: list[float] = Field(default_factory=lambda: [0.0, 0.7], min_length=1,
+                                      description="Each set runs at each; 0 is greedy (checked for equality).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(128, gt=0, description="Per answer (each turn of a multi-turn conversation).")
+    concurrency: int = Field(1, gt=0, description="Requests in flight at once; 1 measures the latency-bound case "
+                             "speculative decoding is for.")
+    ngram_baseline: bool = Field(True, description="Also run vLLM's n-gram (prompt lookup) speculation.")
+    ngram_prompt_lookup_max: int = Field(4, gt=0)
+    ngram_prompt_lookup_min: int = Field(2, gt=0)
+    max_bad_share: float = Field(0.05, ge=0, le=1, description="Fail when more records of a prompt file than "
+                                 "this are quarantined.")
+    gate: bool = Field(True, description="Registering runs the promotion gate (champion or challenger); false "
+                       "gives new versions tracking.new_version_alias instead.")
     gate_set: str = Field("embedded-heldout", description="Prompt set whose acceptance length gates promotion.")
-    gate_margin: float = Field(0.0, ge=0, description="Acceptance-length gain needed to replace the champion.")
+    gate_margin: float = Field(0.0, ge=0, description="Acceptance-length gain over the champion needed to replace "
+                               "it (greedy, on gate_set).")
+    gate_limit: int | None = Field(None, gt=0, description="Conversations of gate_set the gate uses; None = the "
+                                   "set's own limit.")
+
+    @model_validator(mode="after")
+    def _checks(self) -> EvaluationSettings:
+        names = [p.name for p in self.prompt_sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluation.prompt_sets names repeat: {names}")
+        if self.ngram_prompt_lookup_min > self.ngram_prompt_lookup_max:
+            raise ValueError("evaluation.ngram_prompt_lookup_min exceeds ngram_prompt_lookup_max")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------- tracking
@@ -241,7 +267,8 @@ class TrackingSettings(Strict):
     experiment: str = "draftsmith"
     registry_name: str = Field("draftsmith-draft", description="Registered model name for exported drafts.")
     new_version_alias: str | None = Field(
-        "challenger", description="Alias a newly registered version gets (the evaluation gate decides champion)."
+        "challenger", description="Alias a newly registered version gets when evaluation.gate is off (with the "
+        "gate on, the gate decides champion or challenger)."
     )
     bundle_base: bool = Field(
         True, description="Copy the base model into the registered version (the pyfunc runs it); false keeps only "

@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+from draftsmith import tracking
 from draftsmith.export.bundle import read_manifest
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def register_export(*, name: str, export_dir: Path, base_dir: Path, recipe_file:
         version = mlflow.register_model(info.model_uri, name, tags={**tags, DIGEST_TAG: digest,
                                                                     ALGORITHM_TAG: algorithm})
     if alias is not None:
-        client.set_registered_model_alias(name, alias, version.version)
+        set_alias(name, alias, str(version.version))
     return {"name": name, "version": str(version.version), "model_uri": f"models:/{name}/{version.version}",
             "alias": alias, "reused": found is not None}
 
@@ -97,4 +98,10 @@ def register_export(*, name: str, export_dir: Path, base_dir: Path, recipe_file:
 def set_alias(name: str, alias: str, version: str) -> None:
     if alias not in ALIASES:
         raise RegistryError(f"alias {alias!r} is not one of {ALIASES}")
-    MlflowClient().set_registered_model_alias(name, alias, version)
+    tracking.set_alias(name, alias, version)
+
+
+def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)

@@ -3,6 +3,7 @@
 from draftsmith.stages.base_model import BaseModelStage
 from draftsmith.stages.convert import ConvertStage
 from draftsmith.stages.dataset import DatasetStage
+from draftsmith.stages.evaluate import EvaluateStage
 from draftsmith.stages.export import ExportStage
 from draftsmith.stages.prompts import PromptsStage
 from draftsmith.stages.qat import QATStage
@@ -12,7 +13,7 @@ from draftsmith.stages.synthesize import SynthesizeStage
 from draftsmith.stages.train import TrainStage
 
 STAGES = (BaseModelStage, PromptsStage, SynthesizeStage, DatasetStage, ConvertStage, TrainStage, QuantizeStage,
-          QATStage, ExportStage, RegisterStage)
+          QATStage, ExportStage, EvaluateStage, RegisterStage)
 
 
 def pipeline_stages(until: str | None = None) -> list:

@@ -33,7 +33,7 @@ class ExportStage(Stage):
             if settings.verify_prompts == 0 or "vllm" not in settings.targets or config is None:
                 return {"skipped": True}
             prompts = first_user_turns(ctx.upstream["synthesize"].outputs["conversations"], settings.verify_prompts)
-            result = greedy_round_trip(Path(base["model_dir"]), config, prompts, settings.verify_max_tokens)
+            result = greedy_round_trip(Path(base["model_dir"]), config, prompts, settings.verify_max_tokens, device)
             if not result["identical"]:
                 raise RoundTripError(
                     f"vLLM's greedy output with the exported draft differs from the base's on prompts "

@@ -1,4 +1,5 @@
-"""Stage `register`: the export as a new version of the recipe's registered model (pyfunc + lineage tags)."""
+"""Stage `register`: the export as a new version of the recipe's registered model (pyfunc + lineage tags), then
+the promotion gate decides whether it replaces the champion."""
 
 from __future__ import annotations
 
@@ -8,21 +9,32 @@ from typing import Any
 import yaml
 
 from draftsmith import tracking
+from draftsmith.evaluation.evaluate import from_export
+from draftsmith.evaluation.gate import promotion_gate
 from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.recipe.schema import Recipe
 from draftsmith.registry.lineage import lineage_tags
 from draftsmith.registry.register import check_registry_name, register_export
+from draftsmith.stages.evaluate import eval_device, heldout_file
 
 RECIPE_FILE = "recipe.yaml"
 
 
 class RegisterStage(Stage):
     name = "register"
-    depends_on = ("base", "dataset", "synthesize", "train", "quantize", "qat", "export")
+    version = 2  # the promotion gate
+    depends_on = ("base", "prompts", "dataset", "synthesize", "train", "quantize", "qat", "export", "evaluate")
 
     def settings(self, recipe: Recipe) -> Any:
-        return {"registry_name": recipe.tracking.registry_name, "alias": recipe.tracking.new_version_alias,
-                "bundle_base": recipe.tracking.bundle_base}
+        evaluation = recipe.evaluation
+        gate = None
+        if evaluation.gate:
+            gate_set = next(s for s in evaluation.prompt_sets if s.name == evaluation.gate_set)
+            gate = {"set": gate_set.model_dump(mode="json"), "margin": evaluation.gate_margin,
+                    "limit": evaluation.gate_limit, "num_speculative_tokens": evaluation.num_speculative_tokens,
+                    "max_tokens": evaluation.max_tokens}
+        return {"registry_name": recipe.tracking.registry_name, "bundle_base": recipe.tracking.bundle_base,
+                "alias": None if gate else recipe.tracking.new_version_alias, "gate": gate}
 
     def preflight(self, recipe: Recipe) -> None:
         check_registry_name(recipe.tracking.registry_name, recipe.draft.algorithm)
@@ -31,12 +43,21 @@ class RegisterStage(Stage):
         recipe = ctx.recipe
         recipe_file = out_dir / RECIPE_FILE
         recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        export_dir = Path(ctx.upstream["export"].outputs["export_dir"])
+        base_dir = Path(ctx.upstream["base"].outputs["model_dir"])
         result = register_export(
-            name=recipe.tracking.registry_name, export_dir=Path(ctx.upstream["export"].outputs["export_dir"]),
-            base_dir=Path(ctx.upstream["base"].outputs["model_dir"]), recipe_file=recipe_file,
-            tags=lineage_tags(recipe, ctx.upstream), alias=recipe.tracking.new_version_alias,
+            name=recipe.tracking.registry_name, export_dir=export_dir, base_dir=base_dir, recipe_file=recipe_file,
+            tags=lineage_tags(recipe, ctx.upstream),
+            alias=None if recipe.evaluation.gate else recipe.tracking.new_version_alias,
             num_speculative_tokens=recipe.evaluation.num_speculative_tokens, bundle_base=recipe.tracking.bundle_base,
         )
         tracking.set_tags({"draftsmith.registered_model": result["name"],
                            "draftsmith.registered_version": result["version"]})
+        if recipe.evaluation.gate:
+            decision = promotion_gate(name=result["name"], version=result["version"],
+                                      draft=from_export(export_dir, base_dir), settings=recipe.evaluation,
+                                      heldout_file=heldout_file(ctx), out_dir=out_dir / "gate",
+                                      device=eval_device(recipe))
+            result.update(alias=decision["alias"], gate={k: decision[k] for k in
+                                                         ("promoted", "reason", "champion_version")})
         return result

@@ -1,4 +1,4 @@
-"""Read prompt datasets (OpenAI chat or ShareGPT; jsonl or parquet), normalise them, quarantine bad records."""
+"""Read prompt datasets (OpenAI chat, ShareGPT or MT-bench `turns`; jsonl or parquet), normalise them, quarantine bad records."""
 
 from __future__ import annotations
 
@@ -71,12 +71,21 @@ def raw_records(path: Path) -> Iterator[tuple[int, Any, str]]:
 
 def normalize_messages(record: dict, fmt: str) -> list[dict[str, str]]:
     """Normalised [{role, content}] of a record; raises ValueError with the reason when it is unusable."""
+    if fmt in ("auto", "mtbench") and "turns" in record and not ("messages" in record or "conversations" in record):
+        # MT-bench style: the user turns alone, each asked after the model's answer to the previous one.
+        turns = record["turns"]
+        if not isinstance(turns, list) or not turns:
+            raise ValueError("empty conversation: 'turns' is not a non-empty list")
+        if any(not isinstance(t, str) for t in turns):
+            raise ValueError("a turn in 'turns' is not text")
+        return [{"role": "user", "content": t} for t in turns]
     if fmt in ("auto", "openai") and "messages" in record:
         raw, role_key, content_key, roles = record["messages"], "role", "content", {r: r for r in OPENAI_ROLES}
     elif fmt in ("auto", "sharegpt") and "conversations" in record:
         raw, role_key, content_key, roles = record["conversations"], "from", "value", SHAREGPT_ROLES
     else:
-        expected = {"auto": "'messages' or 'conversations'", "openai": "'messages'", "sharegpt": "'conversations'"}
+        expected = {"auto": "'messages', 'conversations' or 'turns'", "openai": "'messages'",
+                    "sharegpt": "'conversations'", "mtbench": "'turns'"}
         raise ValueError(f"no {expected[fmt]} field (format {fmt})")
     if not isinstance(raw, list) or not raw:
         raise ValueError("empty conversation")
@@ -113,7 +122,7 @@ def parse_record(record: Any, fmt: str, source: str, line: int) -> PromptConvers
     if not user_turns or any(not t.strip() for t in user_turns):
         raise ValueError("empty conversation: no user turn with text")
     key = content_key(system, user_turns)
-    cid = str(record.get("conversation_id") or record.get("id") or key)
+    cid = str(record.get("conversation_id") or record.get("id") or record.get("question_id") or key)
     return PromptConversation(cid, user_turns, system, source, line, key)
 
 

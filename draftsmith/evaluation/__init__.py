@@ -1,0 +1,1 @@
+"""Evaluation: acceptance length and speed of a draft through vLLM, prompt sets, the promotion gate."""

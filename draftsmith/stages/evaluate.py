@@ -1,0 +1,48 @@
+"""Stage `evaluate`: the exported draft through vLLM on the recipe's prompt sets (acceptance length, tokens/s
+against the base and n-gram speculation, greedy equality), as a report, plots and MLflow metrics."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from draftsmith.evaluation.evaluate import evaluate_draft, from_export
+from draftsmith.evaluation.measure import DRAFT
+from draftsmith.pipeline.stage import Stage, StageContext
+from draftsmith.recipe.schema import Recipe
+
+log = logging.getLogger(__name__)
+
+GATE_FIELDS = {"gate", "gate_set", "gate_margin", "gate_limit"}  # the register stage's business
+
+
+def eval_device(recipe: Recipe) -> str:
+    return "gpu" if recipe.training.use_gpu else "cpu"
+
+
+def heldout_file(ctx: StageContext) -> str | None:
+    return ctx.upstream["prompts"].outputs.get("heldout")
+
+
+class EvaluateStage(Stage):
+    name = "evaluate"
+    depends_on = ("base", "prompts", "export")
+
+    def settings(self, recipe: Recipe) -> Any:
+        return {"evaluation": recipe.evaluation.model_dump(mode="json", exclude=GATE_FIELDS),
+                "device": eval_device(recipe)}
+
+    def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+        draft = from_export(ctx.upstream["export"].outputs["export_dir"], ctx.upstream["base"].outputs["model_dir"])
+        report = evaluate_draft(draft, ctx.recipe.evaluation, heldout_file(ctx), out_dir,
+                                device=eval_device(ctx.recipe))
+        greedy = [r for r in report["rows"] if r["temperature"] == 0]
+        not_identical = [r["set"] for r in greedy if not r[DRAFT].get("greedy_identical", True)]
+        if not_identical:
+            log.warning("greedy output with the draft differs from the base's on %s; the promotion gate will "
+                        "refuse this version", not_identical)
+        return {"report": str(out_dir / "evaluation.json"), "markdown": str(out_dir / "evaluation.md"),
+                "acceptance_length": {f"{r['set']}@t={r['temperature']:g}": r[DRAFT]["acceptance_length"]
+                                      for r in report["rows"]},
+                "greedy_identical": not not_identical}

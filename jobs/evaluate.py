@@ -1,0 +1,52 @@
+"""Evaluate a draft through vLLM: acceptance length, tokens/s against the base and n-gram speculation, greedy
+equality, on the recipe's prompt sets at its temperatures.
+
+    python -m jobs.evaluate --recipe tiny-eagle3                              # the recipe's own export
+    python -m jobs.evaluate --recipe tiny-eagle3 --model models:/tiny-eagle3-draft@champion
+    python -m jobs.evaluate --recipe tiny-eagle3 --export runs/tiny-eagle3/export-*/export [--base DIR]
+
+Without --model/--export it runs the pipeline up to `evaluate` (finished stages are skipped). Otherwise the
+recipe supplies the evaluation settings (`evaluation.*`: prompt sets, temperatures, max_tokens, ...) and MLflow.
+The report (evaluation.json, evaluation.md, plots/) goes to --out and to an MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from draftsmith.cli import parse_recipe, recipe_parser, run_main
+
+
+def main() -> int:
+    from draftsmith import tracking
+    from draftsmith.evaluation.evaluate import evaluate_draft, resolve_draft
+    from draftsmith.stages.evaluate import eval_device
+    from draftsmith.stages.run import run_recipe, summary
+
+    parser = recipe_parser(__doc__.splitlines()[0])
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--model", help="a registered version: models:/NAME@ALIAS or models:/NAME/VERSION")
+    target.add_argument("--export", help="an export folder (with manifest.json)")
+    parser.add_argument("--base", help="the base model folder, when it moved since the export")
+    parser.add_argument("--out", type=Path, help="report folder (default OUTPUT_DIR/RECIPE/evaluations/TIME)")
+    args = parser.parse_args()
+    recipe = parse_recipe(args)
+    if not (args.model or args.export):
+        report = summary(run_recipe(recipe, until="evaluate"))["evaluate"]
+        print(Path(report["outputs"]["markdown"]).read_text())
+        return 0
+    tracking.configure(recipe.tracking, recipe.output_dir)
+    out = args.out or recipe.run_dir() / "evaluations" / time.strftime("%Y%m%d-%H%M%S")
+    with tracking.start_run("evaluate", tags={"draftsmith.recipe": recipe.name,
+                                              "draftsmith.evaluated": args.model or str(args.export)}):
+        draft = resolve_draft(args.model or args.export, args.base)
+        report = evaluate_draft(draft, recipe.evaluation, None, out, device=eval_device(recipe))
+    print((out / "evaluation.md").read_text())
+    print(json.dumps({"report": str(out / "evaluation.json")}))
+    return 0 if report else 1
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,211 @@
+"""Evaluation through vLLM (CPU) and the promotion gate; prompt files with malformed records; the vLLM CPU kernel
+fix that makes sampled speculative decoding accept anything at all."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import DATA_OVERRIDES, FLOW, run_job
+from draftsmith import tracking
+from draftsmith.engines.vllm_cpu import expand_batch_values, fix_cpu_expand_kernel
+from draftsmith.evaluation.gate import decide
+from draftsmith.evaluation.measure import BASE, DRAFT, summarize
+from draftsmith.evaluation.prompt_sets import PromptSetError, load_prompt_set
+from draftsmith.pipeline.runner import run_pipeline
+from draftsmith.recipe.loader import RecipeError, load_recipe
+from draftsmith.recipe.schema import PromptSet
+from draftsmith.stages import pipeline_stages
+
+K = 3
+
+
+# ------------------------------------------------------------------------------------------------- fast
+def test_cpu_expand_kernel_fix_matches_the_triton_semantics():
+    """x=[a, b, c], cu=[2, 5, 6] -> [a, a, b, b, b, c], with replace_from mapped to replace_to."""
+    temperatures = torch.tensor([0.7, 0.0, 1.3])
+    out = torch.full((6,), float("nan"))
+    expand_batch_values(out, temperatures, torch.tensor([2, 5, 6], dtype=torch.int32), 0.0, 1.0)
+    assert out.tolist() == pytest.approx([0.7, 0.7, 1.0, 1.0, 1.0, 1.3])
+    top_k = torch.tensor([5, 0], dtype=torch.int32)
+    out_k = torch.full((4,), -7, dtype=torch.int32)
+    expand_batch_values(out_k, top_k, torch.tensor([1, 4]), 0, 0)
+    assert out_k.tolist() == [5, 0, 0, 0]
+
+
+def test_cpu_expand_kernel_fix_is_a_vllm_plugin():
+    from vllm.utils import cpu_triton_utils
+
+    plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert plugins.get("draftsmith_cpu_kernels") == "draftsmith.engines.vllm_cpu:fix_cpu_expand_kernel"
+    fix_cpu_expand_kernel()
+    assert cpu_triton_utils._expand_kernel_impl is expand_batch_values
+
+
+def test_malformed_prompt_records_are_quarantined_line_by_line(tmp_path):
+    good = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
+                      {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"}]},
+        {"conversations": [{"from": "human", "value": "Spell the word \"cat\"."}]},
+        {"question_id": 81, "category": "writing", "turns": ["Sort: 3, 1, 2.", "Now reverse that list."]},
+    ]
+    bad = ['{"messages": [{"role": "user", "content": "unterminated', '{"prompt": "no conversation field"}',
+           '{"messages": [{"role": "wizard", "content": "hi"}]}', '{"turns": []}', '{"turns": ["ok", 7]}']
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join([json.dumps(good[0]), bad[0], json.dumps(good[1]), *bad[1:], json.dumps(good[2])])
+                    + "\n")
+    loaded = load_prompt_set(PromptSet(name="mixed", path=str(path)), None, tmp_path / "quarantine", 1.0)
+    assert [c.user_turns for c in loaded.conversations] == [
+        ["What is 2 + 2?", "And 3 + 3?"], ["Spell the word \"cat\"."], ["Sort: 3, 1, 2.", "Now reverse that list."]]
+    assert loaded.conversations[0].as_request()["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert loaded.conversations[2].as_request()["followups"] == ["Now reverse that list."]
+    assert (loaded.read, loaded.quarantined) == (8, 5)
+    quarantined = [json.loads(line) for line in open(loaded.quarantine_file)]
+    assert [q["line"] for q in quarantined] == [2, 4, 5, 6, 7]
+    reasons = " | ".join(q["reason"] for q in quarantined)
+    for expected in ("invalid JSON", "no 'messages', 'conversations' or 'turns' field", "unknown role 'wizard'",
+                     "'turns' is not a non-empty list", "not text"):
+        assert expected in reasons, reasons
+    with pytest.raises(PromptSetError, match=r"prompts\.jsonl.*5 of 8 records are malformed.*line 2: invalid JSON"):
+        load_prompt_set(PromptSet(name="mixed", path=str(path)), None, tmp_path / "q2", 0.05)
+    with pytest.raises(PromptSetError, match="does not exist"):
+        load_prompt_set(PromptSet(name="gone", path=str(tmp_path / "missing.jsonl")), None, tmp_path, 0.05)
+
+
+def test_recipe_refuses_inconsistent_evaluation_settings():
+    with pytest.raises(RecipeError, match="repeat"):
+        load_recipe("tiny-eagle3", ["evaluation.prompt_sets=[{name: a}, {name: a}]", "evaluation.gate_set=a"])
+    with pytest.raises(RecipeError, match="gate_set='nope' is not one of"):
+        load_recipe("tiny-eagle3", ["evaluation.gate_set=nope"])
+
+
+def _result(tokens: list[list[int]], seconds: float, accepted: int | None = None, drafts: int = 0):
+    spec = None if accepted is None else {"num_drafts": drafts, "num_draft_tokens": drafts * K,
+                                          "num_accepted_tokens": accepted, "num_accepted_tokens_per_pos": [5, 3, 1],
+                                          "acceptance_length": 1 + accepted / drafts}
+    n = sum(len(t) for t in tokens)
+    return {"conversations": [{"turns": [{"token_ids": t}]} for t in tokens], "seconds": seconds, "output_tokens": n,
+            "output_tokens_per_s": n / seconds, "ttft_s": [0.01], "tpot_s": [0.002, 0.004], "spec_decode": spec}
+
+
+def test_summary_ratios_and_greedy_equality():
+    runs = [{"name": "s@t=0", "set": "s", "temperature": 0.0, "conversations": [{}, {}]}]
+    results = {BASE: {"s@t=0": _result([[1, 2, 3], [4, 5]], 1.0)},
+               DRAFT: {"s@t=0": _result([[1, 2, 3], [4, 6]], 0.5, accepted=9, drafts=6)}}
+    row = summarize(results, runs, K)[0]
+    assert row[DRAFT]["acceptance_length"] == pytest.approx(2.5)
+    assert row[DRAFT]["acceptance_rate_per_position"] == pytest.approx([5 / 6, 3 / 6, 1 / 6])
+    assert row[DRAFT]["speedup_vs_base"] == pytest.approx(2.0) and row[DRAFT]["tpot_ms"] == pytest.approx(3.0)
+    assert row[DRAFT]["greedy_identical"] is False and row[DRAFT]["greedy_mismatched"] == [1]
+
+
+def test_gate_decisions():
+    new = {"acceptance_length": 2.5, "greedy_identical": True, "greedy_mismatched": []}
+    assert decide(new, None, None, 0.0) == (True, "no champion yet")
+    promote, reason = decide(new, {"acceptance_length": 2.4}, "3", 0.2)
+    assert not promote and "2.500 < champion v3's 2.400 + margin 0.2" in reason
+    assert decide(new, {"acceptance_length": 2.4}, "3", 0.1)[0]
+    promote, reason = decide({**new, "greedy_identical": False, "greedy_mismatched": [2]}, None, None, 0.0)
+    assert not promote and "differs" in reason and "[2]" in reason
+
+
+# ------------------------------------------------------------------------------------------------- slow
+def _printed_json(stdout: str) -> dict:
+    return json.JSONDecoder().raw_decode(stdout[stdout.index("{\n"):])[0]
+
+
+@pytest.mark.slow
+def test_evaluation_reports_acceptance_speed_and_equality(flow):
+    _, results = flow
+    report = json.loads((results["evaluate"].directory / "evaluation.json").read_text())
+    assert report["prompt_sets"]["embedded-heldout"]["conversations"] == 3
+    assert report["prompt_sets"]["embedded-mtbench"]["user_turns"] > 2  # multi-turn, asked turn by turn
+    rows = {(r["set"], r["temperature"]): r for r in report["rows"]}
+    assert set(rows) == {(s, t) for s in ("embedded-heldout", "embedded-mtbench") for t in (0.0, 0.7)}
+    for (name, temperature), row in rows.items():
+        draft = row["draft"]
+        assert 1.0 <= draft["acceptance_length"] <= K + 1, (name, temperature, draft)
+        assert len(draft["acceptance_rate_per_position"]) == K
+        assert all(row[c]["output_tokens_per_s"] > 0 for c in ("base", "draft", "ngram"))
+        assert row["ngram"]["acceptance_length"] is None or 1.0 <= row["ngram"]["acceptance_length"] <= K + 1
+        if temperature == 0:
+            assert draft["greedy_identical"] and row["ngram"]["greedy_identical"], (name, draft)
+    # Sampling accepts draft tokens too (without the CPU kernel fix vLLM accepted none at temperature > 0).
+    assert rows[("embedded-heldout", 0.7)]["draft"]["num_accepted"] > 0
+    run_id = results["evaluate"].mlflow_run_id
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    assert 1.0 <= metrics["eval/embedded-heldout/t0/draft/acceptance_length"] <= K + 1
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run_id, "evaluation/plots")}
+    assert {"evaluation/plots/acceptance_length.png", "evaluation/plots/acceptance_per_position.png",
+            "evaluation/plots/tokens_per_s.png"} <= artifacts
+    assert "| embedded-mtbench | 0.0 |" in (results["evaluate"].directory / "evaluation.md").read_text()
+
+
+@pytest.mark.slow
+def test_evaluate_job_takes_a_registered_version_by_alias(flow, mlflow_server, tmp_path):
+    _, results = flow
+    bad = tmp_path / "user-prompts.jsonl"  # a user file: two usable MT-bench records and one broken line
+    bad.write_text('{"turns": ["What is 12 + 30?", "Is that more than 100?"]}\n{"turns": \n'
+                   '{"turns": ["Spell the word \\"lamp\\"."]}\n')
+    sets = f"evaluation.prompt_sets=[{{name: embedded-heldout, limit: 2}}, {{name: user, path: {bad}}}]"
+    job = run_job("jobs.evaluate", "--recipe", "tiny-eagle3", *[a for o in [*DATA_OVERRIDES, *FLOW] for a in
+                                                                 ("--set", o)],
+                  "--set", sets, "--set", "evaluation.max_bad_share=0.5", "--set", "evaluation.temperatures=[0]",
+                  "--set", "evaluation.ngram_baseline=false", "--set", f"tracking.uri={mlflow_server}",
+                  "--set", f"output_dir={tmp_path}", "--model", "models:/tiny-draft-under-test@champion",
+                  "--out", str(tmp_path / "report"), timeout=900)
+    assert job.returncode == 0, job.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "evaluation.json").read_text())
+    assert report["registry_version"] == {"name": "tiny-draft-under-test",
+                                          "version": results["register"].outputs["version"]}
+    assert report["prompt_sets"]["user"]["conversations"] == 2 and report["prompt_sets"]["user"]["quarantined"] == 1
+    quarantined = json.loads((tmp_path / "report" / "quarantine" / "user.jsonl").read_text())
+    assert quarantined["line"] == 2 and "invalid JSON" in quarantined["reason"]
+    assert all(r["draft"]["greedy_identical"] for r in report["rows"])
+    assert "| user | 0.0 | 2 |" in job.stdout
+
+
+@pytest.mark.slow
+def test_gate_promotes_a_better_draft_and_refuses_a_worse_one(flow, training_root, mlflow_server, tmp_path):
+    """A 2-step bf16 draft becomes champion of an empty name; the flow's trained draft, registered after it,
+    beats it and is promoted by the gate job; the 2-step draft, gated again, is refused."""
+    _, results = flow
+    name = "tiny-gate-under-test"  # not the flow's registry name, whose tests expect one version
+    weak = load_recipe("tiny-eagle3", [
+        *DATA_OVERRIDES, f"output_dir={training_root}", *FLOW, f"tracking.uri={mlflow_server}",
+        f"tracking.registry_name={name}", "training.steps=2", "quantization.format=none", "export.verify_prompts=0",
+        "evaluation.temperatures=[0]", "evaluation.ngram_baseline=false"])
+    tracking.configure(weak.tracking, training_root)
+    weak_results = run_pipeline(weak, pipeline_stages("register"))
+    weak_version = weak_results["register"].outputs
+    assert weak_version["alias"] == "champion" and weak_version["gate"]["reason"] == "no champion yet"
+
+    from draftsmith.registry.register import register_export
+
+    strong_version = register_export(
+        name=name, export_dir=results["export"].directory / "export", base_dir=results["base"].outputs["model_dir"],
+        recipe_file=results["register"].directory / "recipe.yaml", tags={}, num_speculative_tokens=K)["version"]
+    job_args = ["--recipe", "tiny-eagle3", *[a for o in [*DATA_OVERRIDES, *FLOW] for a in ("--set", o)],
+                "--set", f"tracking.uri={mlflow_server}", "--set", f"tracking.registry_name={name}",
+                "--set", f"output_dir={tmp_path}"]
+    promoted = run_job("jobs.register", *job_args, "--gate", strong_version, timeout=900)
+    assert promoted.returncode == 0, promoted.stderr[-3000:]
+    decision = _printed_json(promoted.stdout)
+    assert decision["promoted"] and decision["champion_version"] == weak_version["version"], decision
+    assert decision["new"]["acceptance_length"] > decision["champion"]["acceptance_length"]
+    client = MlflowClient()
+    assert client.get_model_version_by_alias(name, "champion").version == strong_version
+
+    refused = run_job("jobs.register", *job_args, "--gate", weak_version["version"], timeout=900)
+    assert refused.returncode == 0, refused.stderr[-3000:]
+    decision = _printed_json(refused.stdout)
+    assert not decision["promoted"] and decision["alias"] == "challenger", decision
+    assert f"< champion v{strong_version}'s" in decision["reason"]
+    assert client.get_model_version_by_alias(name, "champion").version == strong_version
+    assert client.get_model_version_by_alias(name, "challenger").version == weak_version["version"]
+    assert client.get_model_version(name, weak_version["version"]).tags["draftsmith.gate"] == "refused"
+
