@@ -113,11 +113,10 @@ def load_sets(settings: EvaluationSettings, heldout_file: str | Path | None, out
     return [load_prompt_set(s, heldout_file, out_dir / QUARANTINE_DIR, settings.max_bad_share, limit) for s in chosen]
 
 
-def evaluate_draft(draft: DraftUnderTest, settings: EvaluationSettings, heldout_file: str | Path | None,
-                   out_dir: Path, device: str = "cpu", log_to_mlflow: bool = True) -> dict[str, Any]:
+def evaluate_draft(draft: DraftUnderTest, settings: EvaluationSettings, out_dir: Path, device: str = "cpu", log_to_mlflow: bool = True) -> dict[str, Any]:
     """The full evaluation: every prompt set at every temperature, base / draft / n-gram, written and logged."""
     k = settings.num_speculative_tokens
-    sets = load_sets(settings, heldout_file or draft.heldout_file(), out_dir)
+    sets = load_sets(settings, draft.heldout_file(), out_dir)
     runs = plan_runs(sets, settings.temperatures, settings)
     configs: dict[str, dict[str, Any] | None] = {BASE: None, DRAFT: draft.speculative_config(k, device)}
     if settings.ngram_baseline:

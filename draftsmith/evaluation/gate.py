@@ -54,10 +54,10 @@ def decide(new: dict[str, Any], champion: dict[str, Any] | None, champion_versio
 
 
 def promotion_gate(*, name: str, version: str, draft: DraftUnderTest, settings: EvaluationSettings,
-                   heldout_file: str | Path | None, out_dir: Path, device: str = "cpu") -> dict[str, Any]:
+                   out_dir: Path, device: str = "cpu") -> dict[str, Any]:
     """Evaluate `version` (and the champion, if any) on the gate set; move the aliases; return the decision."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    sets = load_sets(settings, heldout_file or draft.heldout_file(), out_dir, only=settings.gate_set,
+    sets = load_sets(settings, draft.heldout_file(), out_dir, only=settings.gate_set,
                      limit=settings.gate_limit)
     runs = plan_runs(sets, [0.0], settings)
     incumbent = tracking.version_by_alias(name, "champion")
@@ -67,9 +67,10 @@ def promotion_gate(*, name: str, version: str, draft: DraftUnderTest, settings: 
     if champion_version is not None:
         champion = _gate_numbers(from_registry(f"models:/{name}/{champion_version}", out_dir / "champion"), runs,
                                  settings, device, with_base=False)
-    promote, reason = decide(new, champion, champion_version, settings.gate_margin)
     if incumbent is not None and champion_version is None:
-        promote, reason = True, "already the champion"
+        promote, reason = True, "already the champion"  # a re-run of the register stage
+    else:
+        promote, reason = decide(new, champion, champion_version, settings.gate_margin)
     alias = "champion" if promote else "challenger"
     set_alias(name, alias, version)
     decision = {"name": name, "version": version, "alias": alias, "promoted": promote, "reason": reason,

@@ -21,13 +21,9 @@ def eval_device(recipe: Recipe) -> str:
     return "gpu" if recipe.training.use_gpu else "cpu"
 
 
-def heldout_file(ctx: StageContext) -> str | None:
-    return ctx.upstream["prompts"].outputs.get("heldout")
-
-
 class EvaluateStage(Stage):
     name = "evaluate"
-    depends_on = ("base", "prompts", "export")
+    depends_on = ("base", "export")
 
     def settings(self, recipe: Recipe) -> Any:
         return {"evaluation": recipe.evaluation.model_dump(mode="json", exclude=GATE_FIELDS),
@@ -35,8 +31,7 @@ class EvaluateStage(Stage):
 
     def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         draft = from_export(ctx.upstream["export"].outputs["export_dir"], ctx.upstream["base"].outputs["model_dir"])
-        report = evaluate_draft(draft, ctx.recipe.evaluation, heldout_file(ctx), out_dir,
-                                device=eval_device(ctx.recipe))
+        report = evaluate_draft(draft, ctx.recipe.evaluation, out_dir, device=eval_device(ctx.recipe))
         greedy = [r for r in report["rows"] if r["temperature"] == 0]
         not_identical = [r["set"] for r in greedy if not r[DRAFT].get("greedy_identical", True)]
         if not_identical:

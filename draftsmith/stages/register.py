@@ -15,7 +15,7 @@ from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.recipe.schema import Recipe
 from draftsmith.registry.lineage import lineage_tags
 from draftsmith.registry.register import check_registry_name, register_export
-from draftsmith.stages.evaluate import eval_device, heldout_file
+from draftsmith.stages.evaluate import eval_device
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -23,7 +23,7 @@ RECIPE_FILE = "recipe.yaml"
 class RegisterStage(Stage):
     name = "register"
     version = 2  # the promotion gate
-    depends_on = ("base", "prompts", "dataset", "synthesize", "train", "quantize", "qat", "export", "evaluate")
+    depends_on = ("base", "dataset", "synthesize", "train", "quantize", "qat", "export", "evaluate")
 
     def settings(self, recipe: Recipe) -> Any:
         evaluation = recipe.evaluation
@@ -56,7 +56,7 @@ class RegisterStage(Stage):
         if recipe.evaluation.gate:
             decision = promotion_gate(name=result["name"], version=result["version"],
                                       draft=from_export(export_dir, base_dir), settings=recipe.evaluation,
-                                      heldout_file=heldout_file(ctx), out_dir=out_dir / "gate",
+                                      out_dir=out_dir / "gate",
                                       device=eval_device(recipe))
             result.update(alias=decision["alias"], gate={k: decision[k] for k in
                                                          ("promoted", "reason", "champion_version")})
