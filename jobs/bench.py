@@ -3,8 +3,8 @@
     python -m jobs.bench --recipe tiny-eagle3 [--rebuild]
 
 The pipeline's own stages run (or are found done) under OUTPUT_DIR like `make demo`, plus two variants of the
-recipe for the comparison table (a bf16 EAGLE-3 draft and a Medusa draft); then the base, synthesis and
-training benchmarks run in this process.
+recipe for the comparison table (a bf16 EAGLE-3 draft and a Medusa draft); then the Serve load test (the export
+served with and without its draft), and the base, synthesis and training benchmarks in this process.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import ray
 from draftsmith import cluster, tracking
 from draftsmith.bench.embedded_base import build_section, throughput_section
 from draftsmith.bench.report import write_results
+from draftsmith.bench.serving import serving_section
 from draftsmith.bench.speculation import speculation_sections
 from draftsmith.bench.synthesis import synthesis_section
 from draftsmith.bench.training import training_section
@@ -39,6 +40,7 @@ def main() -> int:
         os.environ["DRAFTSMITH_CACHE_DIR"] = tempfile.mkdtemp(prefix="draftsmith-bench-")
     # The pipelines open their own MLflow runs (and Ray), so they go first, outside the bench run.
     speculation = speculation_sections(args.recipe, args.overrides)
+    serving = serving_section(args.recipe, args.overrides)
     tracking.configure(recipe.tracking, recipe.output_dir)
     with tracking.start_run("bench", tags={"draftsmith.recipe": recipe.name}):
         cluster.connect(recipe.ray)
@@ -48,7 +50,8 @@ def main() -> int:
             training = training_section(model_dir, recipe)
         finally:
             ray.shutdown()  # free the cores before measuring plain generation
-        sections = [build_section(model_dir), throughput_section(model_dir), synthesis, training, *speculation]
+        sections = [build_section(model_dir), throughput_section(model_dir), synthesis, training, *speculation,
+                    serving]
         results = write_results(sections, Path(args.out), command_line())
         tracking.log_artifact(results.parent)
     print(results.read_text())

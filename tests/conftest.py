@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -79,6 +82,33 @@ def run_job(module: str, *args: str, env: dict | None = None, timeout: float = 9
     """Run `python -m MODULE ARGS` from the project root, as a user would."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=clean_env(**(env or {})))
+
+
+@contextlib.contextmanager
+def head_node_at(log_dir: Path, env: dict[str, str] | None = None):
+    """A Ray head node with its dashboard on loopback (what `ray job submit` and `serve deploy` talk to); yields
+    the dashboard address. Stopped by terminating its own process (`ray stop` would stop every Ray here).
+
+    Its agents get their own ports: the test session's local Ray already holds the default ones."""
+    port, dashboard = free_port(), free_port()
+    agent_ports = [a for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                  "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port")
+                   for a in (flag, str(free_port()))]
+    ray_tmp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus",
+         "8", "--include-dashboard", "true", "--temp-dir", ray_tmp, *agent_ports],
+        env=clean_env(RAY_AUTH_MODE="disabled", **(env or {})), stdout=open(log_dir / "head.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{dashboard}/api/version", 180, proc)
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, clean_env, TINY_BASE_OVERRIDES, free_port, wait_http
+from conftest import ROOT, TINY_BASE_OVERRIDES, clean_env, head_node_at
 
 pytestmark = pytest.mark.slow
 
@@ -20,28 +18,8 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 @pytest.fixture
 def head_node(tmp_path):
-    """A head node on loopback; stopped by terminating its own process (`ray stop` would stop every Ray here).
-
-    Its agents get their own ports: the test session's local Ray already holds the default ones."""
-    port, dashboard = free_port(), free_port()
-    agent_ports = [a for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                                  "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port")
-                   for a in (flag, str(free_port()))]
-    ray_tmp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    env = clean_env(RAY_AUTH_MODE="disabled")
-    proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "8",
-         "--include-dashboard", "true", "--temp-dir", ray_tmp, *agent_ports],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{dashboard}/api/version", 180, proc)
-        yield f"http://127.0.0.1:{dashboard}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    with head_node_at(tmp_path) as dashboard:
+        yield dashboard
 
 
 def test_ray_job_submit_runs_the_pipeline(tiny_base, head_node, tmp_path):

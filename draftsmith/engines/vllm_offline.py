@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from draftsmith.engines.vllm_metrics import spec_decode_counters, spec_decode_delta
+
 
 def run_vllm_plan(model: str | Path, runs: list[dict[str, Any]], speculative_config: dict[str, Any] | None = None,
                   device: str = "cpu", dtype: str | None = None, max_model_len: int = 1024,
@@ -67,33 +69,7 @@ def _seed(run: str, index: int, turn: int) -> int:
 
 
 def _counters(llm) -> dict[str, Any]:
-    """vLLM's cumulative speculative-decoding counters (summed over engines)."""
-    from vllm.v1.metrics.reader import Counter, Vector
-
-    counters: dict[str, Any] = {}
-    for metric in llm.get_metrics():
-        if metric.name.startswith("vllm:spec_decode"):
-            key = metric.name.removeprefix("vllm:spec_decode_")
-            if isinstance(metric, Counter):
-                counters[key] = counters.get(key, 0) + metric.value
-            elif isinstance(metric, Vector):
-                previous = counters.get(key, [0] * len(metric.values))
-                counters[key] = [a + b for a, b in zip(previous, metric.values, strict=True)]
-    return counters
-
-
-def spec_decode_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """The counters of one run; mean acceptance length = 1 + accepted / drafts (tokens per verification step)."""
-    delta: dict[str, Any] = {}
-    for key, value in after.items():
-        if isinstance(value, list):
-            previous = before.get(key, [0] * len(value))
-            delta[key] = [a - b for a, b in zip(value, previous, strict=True)]
-        else:
-            delta[key] = value - before.get(key, 0)
-    drafts = delta.get("num_drafts", 0)
-    delta["acceptance_length"] = 1 + delta.get("num_accepted_tokens", 0) / drafts if drafts else None
-    return delta
+    return spec_decode_counters(llm.get_metrics())
 
 
 def _request_timing(output) -> tuple[float | None, float | None]:

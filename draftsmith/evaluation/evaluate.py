@@ -90,13 +90,19 @@ def from_registry(model_uri: str, download_dir: str | Path | None = None) -> Dra
                               f"{exc.message}") from None
     root = tracking.download_model_version(f"models:/{name}/{version.version}",
                                            download_dir or tempfile.mkdtemp(prefix="draftsmith-eval-"))
-    flavor = yaml.safe_load((root / "MLmodel").read_text())["flavors"]["python_function"]
-    artifacts = {k: root / v["path"] for k, v in flavor.get("artifacts", {}).items()}
-    base = artifacts.get("base") or Path(flavor.get("config", {}).get("base_model", ""))
-    draft = from_export(artifacts["export"], base)
+    draft = open_downloaded_version(root)
     draft.label = f"{name} v{version.version}"
     draft.registry_version = {"name": name, "version": str(version.version)}
     return draft
+
+
+def open_downloaded_version(root: str | Path) -> DraftUnderTest:
+    """A registered version downloaded to `root` (its MLmodel names the export and the bundled base)."""
+    root = Path(root)
+    flavor = yaml.safe_load((root / "MLmodel").read_text())["flavors"]["python_function"]
+    artifacts = {k: root / v["path"] for k, v in flavor.get("artifacts", {}).items()}
+    base = artifacts.get("base") or Path(flavor.get("config", {}).get("base_model", ""))
+    return from_export(artifacts["export"], base)
 
 
 def resolve_draft(reference: str, base_dir: str | None = None) -> DraftUnderTest:

@@ -277,16 +277,60 @@ class TrackingSettings(Strict):
 
 
 # ------------------------------------------------------------------------------------------------ serving
+class ServingAutoscaling(Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, gt=0)
+    target_ongoing_requests: float = Field(8, gt=0, description="Requests in flight per replica Serve aims for.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ServingAutoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
 class ServingSettings(Strict):
-    engine: Literal["vllm", "trtllm"] = "vllm"
-    model_ref: str | None = Field(None, description="`models:/NAME@ALIAS` or an export folder.")
+    """What the Serve application runs: the `args` of serve/config.yaml, and the recipe's `serving` section."""
+
+    engine: Literal["vllm", "trtllm"] = Field("vllm", description="vllm (GPU, or CPU here) or trtllm (GPU only).")
+    model_ref: str | None = Field(
+        None, description="`models:/NAME@ALIAS`, `models:/NAME/VERSION` or an export folder (with manifest.json).")
+    model_version: str | None = Field(
+        None, description="The registry version the alias pointed at when deployed; jobs.deploy pins it, so a "
+        "redeploy after the alias moved rolls the replicas over to the new version.")
+    model_id: str | None = Field(None, description="The name clients send as `model`; default: the registered "
+                                 "name or the export folder's name.")
+    speculative: bool = Field(True, description="False serves the base alone (the bench's comparison).")
+    num_speculative_tokens: int | None = Field(None, gt=0, description="Default: the export's max_draft_len.")
+    device: Literal["auto", "cpu", "gpu"] = Field("auto", description="Which vLLM draft variant to load; auto "
+                                                  "picks gpu where CUDA is available.")
+    max_model_len: int | None = Field(None, gt=0, description="Default: the base's context (capped at 16384).")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the engine as they are "
+                                          "(vLLM engine args, or TensorRT-LLM LLM args).")
+    tracking_uri: str | None = Field(None, description="MLflow server of the registry; default $MLFLOW_TRACKING_URI.")
+    download_dir: str | None = Field(None, description="Where replicas keep downloaded versions; default a "
+                                     "draftsmith-serve folder in the system temp dir.")
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
-    replicas: int = Field(1, gt=0)
-    api_key_env: str | None = Field(None, description="Environment variable with the bearer token; None = no auth.")
+    replicas: int = Field(1, gt=0, description="Engine replicas when autoscaling is not set.")
+    autoscaling: ServingAutoscaling | None = None
+    replica_cpus: float = Field(1, ge=0, description="Ray CPUs per engine replica.")
+    replica_gpus: float = Field(0, ge=0, description="GPUs per engine replica (1 on GPU clusters).")
+    ingress_replicas: int = Field(1, gt=0)
+    max_surge_percent: int = Field(100, ge=0, le=100, description="Extra replicas a rollout (a new champion) may "
+                                   "start before old ones stop, as % of the replica count: old replicas serve until "
+                                   "their replacements are ready. 0 stops first (no spare GPU for a surge).")
+    api_key_env: str | None = Field("DRAFTSMITH_API_KEY", description="Environment variable with the bearer "
+                                    "token; unset or empty means no auth unless api_key_file is set.")
+    api_key_file: str | None = Field(None, description="File holding the bearer token (a mounted secret).")
+    max_body_bytes: int = Field(1 << 20, gt=0)
     max_tokens_limit: int = Field(1024, gt=0)
     max_prompt_tokens: int = Field(2048, gt=0)
     max_n: int = Field(4, gt=0)
+    engine_retries: int = Field(4, ge=0, description="Times a request that failed in the engine before its first "
+                                "byte is sent again, after 1, 2, 4, 8 s: Serve's health check (every 5 s, 3 "
+                                "failures) takes a dead engine's replica out of rotation meanwhile and another "
+                                "replica answers.")
 
 
 # ------------------------------------------------------------------------------------------------ cluster

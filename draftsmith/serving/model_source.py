@@ -1,0 +1,187 @@
+"""Where the served model comes from: a registered version (downloaded on the replica) or an export folder.
+
+`pin()` runs where the app is deployed: it turns `models:/NAME@ALIAS` into the version the alias points at now,
+so a Serve config names one exact version and redeploying after the alias moved rolls the replicas over.
+`materialize()` runs on each engine replica: it downloads that version once per machine (or opens the folder)
+and returns what the engines need.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from draftsmith.export.bundle import export_engine_config, read_manifest
+from draftsmith.export.engine_configs import vllm_runtime_config
+from draftsmith.recipe.schema import ServingSettings
+
+log = logging.getLogger(__name__)
+
+
+class ModelSourceError(ValueError):
+    """The model reference cannot be resolved; says which reference and how to fix it."""
+
+
+@dataclass(frozen=True)
+class RegistryRef:
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, ref: str) -> RegistryRef:
+        body = ref.removeprefix("models:/")
+        if "@" in body:
+            name, _, alias = body.partition("@")
+            if name and alias:
+                return cls(name, alias=alias)
+        else:
+            name, _, version = body.partition("/")
+            if name and version.isdigit():
+                return cls(name, version=version)
+        raise ModelSourceError(f"model_ref {ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+def is_registry_ref(ref: str) -> bool:
+    return ref.startswith("models:/")
+
+
+def default_model_id(settings: ServingSettings) -> str:
+    if settings.model_id:
+        return settings.model_id
+    ref = required_ref(settings)
+    if is_registry_ref(ref):
+        return RegistryRef.parse(ref).name
+    path = Path(ref).resolve()
+    return path.parent.name if path.name == "export" else path.name
+
+
+def required_ref(settings: ServingSettings) -> str:
+    if not settings.model_ref:
+        raise ModelSourceError("serving.model_ref is not set: give models:/NAME@ALIAS, models:/NAME/VERSION or an "
+                               "export folder")
+    return settings.model_ref
+
+
+def _client(settings: ServingSettings):
+    import mlflow
+    from mlflow import MlflowClient
+
+    if settings.tracking_uri:
+        mlflow.set_tracking_uri(settings.tracking_uri)
+    return MlflowClient()
+
+
+def pin(settings: ServingSettings) -> ServingSettings:
+    """Settings with `model_version` set to the version `model_ref` names now (unchanged for an export folder)."""
+    from mlflow.exceptions import MlflowException
+
+    ref = required_ref(settings)
+    if not is_registry_ref(ref):
+        if not Path(ref, "manifest.json").is_file():
+            raise ModelSourceError(f"model_ref {ref}: neither models:/... nor an export folder (no manifest.json)")
+        return settings.model_copy(update={"model_ref": str(Path(ref).resolve()), "model_version": None})
+    parsed = RegistryRef.parse(ref)
+    client = _client(settings)
+    try:
+        if parsed.alias:
+            version = client.get_model_version_by_alias(parsed.name, parsed.alias).version
+        else:
+            version = client.get_model_version(parsed.name, parsed.version).version
+    except MlflowException as exc:
+        raise ModelSourceError(f"model_ref {ref}: not in the registry at {client.tracking_uri} ({exc.message}); "
+                               "register the export first (jobs.register) or fix the alias") from None
+    return settings.model_copy(update={"model_version": str(version)})
+
+
+@dataclass
+class ServedModel:
+    """A model on this replica's disk, ready for an engine."""
+
+    model_id: str
+    base_dir: Path
+    export_dir: Path
+    version: str | None
+    manifest: dict[str, Any]
+
+    def card(self) -> dict[str, Any]:
+        """What /v1/models says about the model, besides its id."""
+        quantization = (self.manifest.get("quantization") or {}).get("format") or "bf16"
+        return {"registry_version": self.version, "algorithm": self.manifest["algorithm"],
+                "quantization": quantization,
+                "max_draft_len": (self.manifest.get("export_settings") or {}).get("max_draft_len")}
+
+    def vllm_speculative_config(self, settings: ServingSettings, device: str) -> dict[str, Any] | None:
+        if not settings.speculative:
+            return None
+        config = export_engine_config(self.export_dir, "vllm", device=device)
+        if config is None:
+            raise ModelSourceError(f"{self.model_id}: this {self.manifest['algorithm']} export has no draft vLLM "
+                                   "can load; serve it with engine: trtllm or speculative: false")
+        if settings.num_speculative_tokens:
+            config["num_speculative_tokens"] = settings.num_speculative_tokens
+        return vllm_runtime_config(config)
+
+    def trtllm_options(self) -> dict[str, Any]:
+        config = export_engine_config(self.export_dir, "trtllm")
+        if config is None:
+            raise ModelSourceError(f"{self.model_id}: this {self.manifest['algorithm']} export has no TensorRT-LLM "
+                                   "config (see the export's manifest: engines_without_config)")
+        return config
+
+
+def download_root(settings: ServingSettings) -> Path:
+    return Path(settings.download_dir or Path(tempfile.gettempdir()) / "draftsmith-serve")
+
+
+def materialize(settings: ServingSettings) -> ServedModel:
+    """The pinned model on local disk: downloaded once per machine and version (replicas share it under a lock)."""
+    from draftsmith.evaluation.evaluate import from_export, from_registry, open_downloaded_version
+
+    ref = required_ref(settings)
+    model_id = default_model_id(settings)
+    if not is_registry_ref(ref):
+        draft = from_export(ref)
+        return ServedModel(model_id, draft.base_dir, draft.export_dir, None, read_manifest(draft.export_dir))
+    parsed = RegistryRef.parse(ref)
+    version = settings.model_version or parsed.version
+    if version is None:
+        version = pin(settings).model_version
+    _client(settings)  # points MLflow at the registry
+    target = download_root(settings) / f"{parsed.name}-v{version}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{parsed.name}-v{version}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # replicas on one machine download a version once
+        marker = target.parent / f".{parsed.name}-v{version}.complete"
+        if marker.is_file():
+            draft = open_downloaded_version(next(target.rglob("MLmodel")).parent)
+        else:
+            log.info("downloading models:/%s/%s to %s", parsed.name, version, target)
+            draft = from_registry(f"models:/{parsed.name}/{version}", target)
+            marker.write_text(str(draft.export_dir))
+    return ServedModel(model_id, draft.base_dir, draft.export_dir, str(version), read_manifest(draft.export_dir))
+
+
+def resolve_device(settings: ServingSettings) -> str:
+    if settings.device != "auto":
+        return settings.device
+    try:
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def replica_env(settings: ServingSettings) -> dict[str, str]:
+    """Environment the replicas need: the registry's address, vLLM's CPU KV-cache size."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    uri = settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        env["MLFLOW_TRACKING_URI"] = uri
+    return env

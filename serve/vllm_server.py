@@ -1,0 +1,69 @@
+"""The vLLM engine deployment: Ray Serve LLM's LLMServer, with the model resolved on the replica.
+
+Ray Serve LLM runs vLLM's AsyncLLM and its OpenAI layer; what draftsmith adds is where the model comes from (a
+registered version downloaded to the replica, or an export folder), the draft as vLLM's `speculative_config`,
+and the engine's speculative-decoding counters for the ingress's metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+from ray.llm._internal.serve.core.server.llm_server import LLMServer
+from transformers import AutoTokenizer
+
+from draftsmith.recipe.schema import ServingSettings
+from draftsmith.serving.limits import prompt_token_ids
+from draftsmith.engines.vllm_metrics import engine_stats_snapshot
+from draftsmith.serving.model_source import materialize, resolve_device
+from serve.stats_board import start_reporting
+
+log = logging.getLogger(__name__)
+
+
+def vllm_engine_kwargs(settings: ServingSettings, model, device: str) -> dict[str, Any]:
+    from draftsmith.evaluation.measure import context_length
+
+    kwargs: dict[str, Any] = {"tokenizer": str(model.base_dir), "disable_log_stats": False,
+                              "max_model_len": settings.max_model_len or context_length(model.base_dir)}
+    if device == "cpu":
+        from draftsmith.engines.vllm_cpu import cpu_engine_kwargs
+
+        kwargs.update(cpu_engine_kwargs())
+    speculative = model.vllm_speculative_config(settings, device)
+    if speculative is not None:
+        kwargs["speculative_config"] = speculative
+    kwargs.update(settings.engine_kwargs)
+    return kwargs
+
+
+class SpeculativeVLLMServer(LLMServer):
+    """One engine replica: downloads the pinned version, then starts vLLM with the draft attached."""
+
+    async def __init__(self, llm_config: LLMConfig, *, serving: dict[str, Any], stats_board=None):
+        settings = ServingSettings.model_validate(serving)
+        model = await asyncio.to_thread(materialize, settings)  # a download must not block the replica
+        device = resolve_device(settings)
+        # A fresh config: the one bound at build time caches an engine config made from the model reference.
+        fields = llm_config.model_dump()
+        fields["model_loading_config"]["model_source"] = str(model.base_dir)
+        fields["engine_kwargs"] = vllm_engine_kwargs(settings, model, device)
+        llm_config = LLMConfig.model_validate(fields)
+        self.served_model = model
+        self._tokenizer = AutoTokenizer.from_pretrained(model.base_dir)
+        log.info("serving %s (version %s) from %s with %s", model.model_id, model.version, model.base_dir,
+                 llm_config.engine_kwargs.get("speculative_config"))
+        await super().__init__(llm_config)
+        if stats_board is not None:
+            self._reporting = start_reporting(stats_board, self.engine_stats)
+
+    async def engine_stats(self) -> dict[str, Any]:
+        """vLLM's speculative-decoding counters and queue gauges in this replica (cumulative)."""
+        return {"model": self.served_model.model_id, "model_version": self.served_model.version,
+                **self.served_model.card(), **engine_stats_snapshot()}
+
+    async def prompt_tokens(self, kind: str, body: dict[str, Any]) -> int:
+        return len(prompt_token_ids(self._tokenizer, kind, body))

@@ -1,0 +1,302 @@
+"""The Serve endpoint against a real local cluster: a head node started with `ray start --head`, the app deployed
+by `jobs.deploy` from serve/config.yaml, vLLM (CPU) engines serving the flow's registered draft by its alias."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from conftest import FLOW_REGISTRY, ROOT, free_port, head_node_at, run_job
+
+pytestmark = pytest.mark.slow
+
+MODEL = FLOW_REGISTRY
+KEY = "s3cret-test-key"
+MAX_PROMPT_TOKENS = 96
+MAX_BODY = 32 * 1024
+QUESTIONS = ["What is 12 plus 7?", "Sort these numbers: 5, 3, 9.", "Spell the word cat backwards."]
+
+
+@pytest.fixture(scope="module")
+def registered(flow, mlflow_server):
+    """(tracking URI, the champion's version) of the flow's registered draft."""
+    from mlflow import MlflowClient
+
+    version = MlflowClient(mlflow_server).get_model_version_by_alias(MODEL, "champion").version
+    return mlflow_server, str(version)
+
+
+def deploy(dashboard: str, config: Path, tracking_uri: str, *sets: str) -> subprocess.CompletedProcess:
+    args = [a for s in sets for a in ("--set", s)]
+    return run_job("jobs.deploy", "--config", str(config), "--address", dashboard, "--tracking-uri", tracking_uri,
+                   "--wait", "600", *args, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def endpoint(registered, tmp_path_factory):
+    """The deployed endpoint: (base URL, dashboard address, config file, work folder)."""
+    tracking_uri, _ = registered
+    work = tmp_path_factory.mktemp("serve")
+    key_file = work / "api-key"
+    key_file.write_text(KEY + "\n")
+    config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    port = free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    with head_node_at(work) as dashboard:
+        result = deploy(dashboard, work / "config.yaml", tracking_uri, f"model_ref=models:/{MODEL}@champion",
+                        "replicas=2", f"api_key_file={key_file}", f"max_prompt_tokens={MAX_PROMPT_TOKENS}",
+                        f"max_body_bytes={MAX_BODY}", f"download_dir={work / 'models'}")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        yield f"http://127.0.0.1:{port}", dashboard, work / "config.yaml", work
+
+
+def client(url: str, key: str | None = KEY) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=300)
+
+
+def chat_body(question: str, **extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": 24,
+            "temperature": 0, **extra}
+
+
+def metric_lines(url: str, name: str) -> list[str]:
+    return [line for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines() if line.startswith(name)]
+
+
+def stream_text(c: httpx.Client, path: str, body: dict) -> tuple[str, list[dict]]:
+    events = []
+    with c.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line.removeprefix("data: ")))
+    text = "".join((ch.get("delta") or {}).get("content") or ch.get("text") or ""
+                   for e in events for ch in e.get("choices", []))
+    return text, events
+
+
+def test_answers_equal_vllms_own_greedy_output(endpoint, flow):
+    """Chat and completion, streamed and not, give what vLLM gives for the base alone (speculation is lossless)."""
+    from draftsmith.engines.vllm_offline import run_vllm_chat
+    from draftsmith.evaluation.evaluate import from_export
+
+    url = endpoint[0]
+    draft = from_export(flow[1]["export"].outputs["export_dir"])
+    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    expected = [o["text"] for o in run_vllm_chat(draft.base_dir, conversations, max_tokens=24)["outputs"]]
+    c = client(url)
+    for question, want in zip(QUESTIONS, expected, strict=True):
+        answer = c.post("/v1/chat/completions", json=chat_body(question))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == want
+        streamed, events = stream_text(c, "/v1/chat/completions", chat_body(question))
+        assert streamed == want
+        assert not any(e.get("usage") for e in events)  # usage only when the client asks for it
+    _, events = stream_text(c, "/v1/chat/completions",
+                            chat_body(QUESTIONS[0], stream_options={"include_usage": True}))
+    assert events[-1]["usage"]["completion_tokens"] > 0
+    # completions: the same prompt the chat template makes, sent raw
+    from transformers import AutoTokenizer
+
+    prompt = AutoTokenizer.from_pretrained(draft.base_dir).apply_chat_template(
+        conversations[0], add_generation_prompt=True, tokenize=False)
+    done = c.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0})
+    assert done.status_code == 200, done.text
+    assert done.json()["choices"][0]["text"] == expected[0]
+    streamed, _ = stream_text(c, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 24,
+                                                      "temperature": 0})
+    assert streamed == expected[0]
+
+
+def test_openai_client_works_unchanged(endpoint):
+    from openai import OpenAI
+
+    oc = OpenAI(base_url=f"{endpoint[0]}/v1", api_key=KEY)
+    assert [m.id for m in oc.models.list().data] == [MODEL]
+    out = oc.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                     max_tokens=16, temperature=0.7, top_p=0.9, n=2, seed=7, stop=["\n\n"])
+    assert len(out.choices) == 2 and out.usage.completion_tokens > 0
+    again = oc.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                       max_tokens=16, temperature=0.7, top_p=0.9, n=2, seed=7, stop=["\n\n"])
+    assert [c.message.content for c in again.choices] == [c.message.content for c in out.choices]  # seeded
+    chunks = list(oc.completions.create(model=MODEL, prompt="What is", max_tokens=8, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices)
+
+
+def test_auth_refuses_missing_and_wrong_keys(endpoint):
+    url = endpoint[0]
+    for key in (None, "wrong-key"):
+        refused = client(url, key).post("/v1/chat/completions", json=chat_body(QUESTIONS[0]))
+        assert refused.status_code == 401
+        assert refused.json()["error"]["type"] == "authentication_error"
+        assert KEY not in refused.text
+    assert client(url, None).get("/v1/models").status_code == 401
+    assert client(url).get("/v1/models").status_code == 200
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (chat_body("hi", max_tokens=5000), 400, "max_tokens"),
+    (chat_body("hi", n=9), 400, "n"),
+    (chat_body("hi", temperature=-1), 400, "temperature"),
+    (chat_body("hi", top_p=0), 400, "top_p"),
+    (chat_body("hi", stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    (chat_body("add " * 200), 400, "messages"),  # over max_prompt_tokens
+    ({"model": MODEL, "messages": []}, 400, "messages"),
+    ({"model": MODEL, "prompt": ""}, 400, "prompt"),
+    (chat_body("hi", model="no-such-model"), 404, "model"),
+])
+def test_bad_requests_get_openai_errors(endpoint, body, status, param):
+    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    answer = client(endpoint[0]).post(path, json=body)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_oversized_and_malformed_bodies_are_refused(endpoint):
+    c = client(endpoint[0])
+    big = c.post("/v1/chat/completions", json=chat_body("x" * (MAX_BODY + 10)))
+    assert big.status_code == 400 and big.json()["error"]["code"] == "body_too_large"
+    broken = c.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_json"
+
+
+def test_model_resolves_by_alias_and_reports_its_version(endpoint, registered):
+    card = client(endpoint[0]).get(f"/v1/models/{MODEL}").json()
+    assert card["metadata"]["serving_versions"] == [registered[1]]
+    assert card["metadata"]["algorithm"] == "eagle3"
+    assert client(endpoint[0]).get("/health").json()["status"] == "ok"
+
+
+def test_metrics_show_acceptance_length_and_request_counts(endpoint):
+    url = endpoint[0]
+    c = client(url)
+    for question in QUESTIONS:
+        assert c.post("/v1/chat/completions", json=chat_body(question)).status_code == 200
+        stream_text(c, "/v1/chat/completions", chat_body(question))
+    deadline = time.time() + 30  # engines report every 2 s
+    while time.time() < deadline and not metric_lines(url, "draftsmith_spec_decode_acceptance_length{"):
+        time.sleep(1)
+    (line,) = metric_lines(url, "draftsmith_spec_decode_acceptance_length{")
+    assert 1.0 < float(line.rsplit(" ", 1)[1]) <= 4.0  # k = 3
+    ok = metric_lines(url, f'draftsmith_requests_total{{model="{MODEL}",route="chat",status="200"}}')
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 6
+    ttft = metric_lines(url, "draftsmith_time_to_first_token_seconds_count")
+    assert ttft and float(ttft[0].rsplit(" ", 1)[1]) >= 3
+    assert metric_lines(url, "draftsmith_inter_token_latency_seconds_count")
+    assert metric_lines(url, f'draftsmith_request_errors_total{{model="{MODEL}",route="chat",'
+                             'type="invalid_request_error"}')
+
+
+def _engine_total(url: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metric_lines(url, name + "{"))
+
+
+def test_client_disconnect_frees_the_engine_request(endpoint):
+    """A stream asked for 1,000 tokens (the engine makes them in ~3 s here); the client leaves after the first
+    event, and the engine stops generating: far fewer tokens than asked, nothing left running."""
+    url = endpoint[0]
+    time.sleep(3)  # engine reports settle
+    before = _engine_total(url, "draftsmith_engine_generation_tokens_total")
+    body = {"model": MODEL, "prompt": "Count: one two three", "max_tokens": 1000, "ignore_eos": True,
+            "stream": True}
+    with client(url).stream("POST", "/v1/completions", json=body) as response:
+        assert next(response.iter_lines()).startswith("data: ")  # generation started; the client goes away
+    time.sleep(12)  # long enough for the whole request to finish had it not been aborted
+    generated = _engine_total(url, "draftsmith_engine_generation_tokens_total") - before
+    assert generated < 500, generated
+    assert _engine_total(url, "draftsmith_engine_requests_running") == 0
+    assert metric_lines(url, f'draftsmith_requests_total{{model="{MODEL}",route="completions",status="499"}}')
+
+
+class Traffic(threading.Thread):
+    """Requests one after another until stopped; records every status."""
+
+    def __init__(self, url: str, key: str | None):
+        super().__init__(daemon=True)
+        self.url, self.key, self.statuses, self.stop = url, key, [], threading.Event()
+
+    def run(self):
+        c = client(self.url, self.key)
+        while not self.stop.is_set():
+            try:
+                self.statuses.append(c.post("/v1/chat/completions", json=chat_body(QUESTIONS[0])).status_code)
+            except httpx.HTTPError as exc:
+                self.statuses.append(repr(exc))
+
+
+def _engine_cores() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        title = " ".join(proc.info.get("cmdline") or []) + (proc.info.get("name") or "")
+        if "EngineCore" in title and proc.pid != os.getpid():
+            found.append(proc)
+    return found
+
+
+def test_a_dead_engine_is_replaced_and_the_endpoint_keeps_answering(endpoint):
+    url = endpoint[0]
+    cores = _engine_cores()
+    assert len(cores) >= 2, [p.info for p in cores]  # two engine replicas (plus nothing else running vLLM now)
+    traffic = Traffic(url, KEY)
+    traffic.start()
+    time.sleep(2)
+    cores[0].send_signal(signal.SIGKILL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(_engine_cores()) < 2:  # Serve restarts the replica
+        time.sleep(2)
+    time.sleep(5)
+    traffic.stop.set()
+    traffic.join(timeout=300)
+    assert len(_engine_cores()) >= 2
+    assert traffic.statuses and all(s == 200 for s in traffic.statuses), traffic.statuses
+
+
+def test_redeploy_moves_the_endpoint_to_a_new_champion_without_failed_requests(endpoint, registered):
+    """A new version becomes champion; jobs.deploy again (auth now off) rolls the replicas over under load."""
+    from mlflow import MlflowClient
+
+    url, dashboard, config, work = endpoint
+    tracking_uri, old_version = registered
+    registry = MlflowClient(tracking_uri)
+    old = registry.get_model_version(MODEL, old_version)
+    # A logged-model source needs its model id beside it (the MLflow server checks that they match).
+    logged_model = old.model_id or old.source.removeprefix("models:/")
+    new = registry.create_model_version(MODEL, source=old.source, run_id=old.run_id, model_id=logged_model,
+                                        description="the same export, registered again (rollover test)")
+    while registry.get_model_version(MODEL, new.version).status != "READY":
+        time.sleep(0.5)
+    registry.set_registered_model_alias(MODEL, "champion", new.version)
+    try:
+        traffic = Traffic(url, KEY)
+        traffic.start()
+        result = deploy(dashboard, config, tracking_uri, f"model_ref=models:/{MODEL}@champion", "replicas=2",
+                        "api_key_file=null", f"max_prompt_tokens={MAX_PROMPT_TOKENS}",
+                        f"max_body_bytes={MAX_BODY}", f"download_dir={work / 'models'}")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            card = client(url, None).get(f"/v1/models/{MODEL}")
+            if card.status_code == 200 and card.json()["metadata"]["serving_versions"] == [str(new.version)]:
+                break
+            time.sleep(2)
+        traffic.stop.set()
+        traffic.join(timeout=300)
+        assert card.json()["metadata"]["serving_versions"] == [str(new.version)]
+        # requests sent with the old key still pass (auth is now off), none failed during the rollover
+        assert traffic.statuses and all(s == 200 for s in traffic.statuses), traffic.statuses
+        assert client(url, None).post("/v1/chat/completions", json=chat_body(QUESTIONS[1])).status_code == 200
+    finally:
+        registry.set_registered_model_alias(MODEL, "champion", old_version)
