@@ -7,7 +7,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM := false
 RECIPE ?= tiny-eagle3
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench gpu-check gpu-check-prepare clean
 
 setup:
 	@bash platform/install.sh
@@ -24,5 +24,13 @@ test-fast: setup
 bench: setup
 	$(PY) -m jobs.bench --recipe $(RECIPE)
 
+# The tests that need CUDA, on a GPU machine without network or the project's environment (see the script).
+gpu-check:
+	@bash platform/gpu_check.sh
+
+# Here, where the project is installed: the wheels and the test base that gpu-check carries to the GPU machine.
+gpu-check-prepare: setup
+	@bash platform/gpu_check_prepare.sh
+
 clean:
-	rm -rf runs bench-results .pytest_cache
+	rm -rf runs bench-results .pytest_cache gpu-check .gpu-check .whl

@@ -51,6 +51,13 @@ def _check_tcp(address: str, timeout_s: float = 3.0) -> None:
         ) from None
 
 
+def check_reachable(settings: RaySettings) -> None:
+    """Fail with how to fix it when the configured cluster address does not answer (no Ray is started)."""
+    address = settings.address or os.environ.get("RAY_ADDRESS")
+    if address and address != "auto":
+        _check_tcp(address.removeprefix("ray://"))
+
+
 def connect(settings: RaySettings) -> None:
     """Join the configured cluster, the one `ray job submit` runs us in ($RAY_ADDRESS), or start a local one."""
     if ray.is_initialized():
@@ -60,10 +67,7 @@ def connect(settings: RaySettings) -> None:
     # conflicts with a driver that sets it again, and workers inherit the rest anyway.
     runtime_env = {"env_vars": {k: v for k, v in worker_env().items() if k not in os.environ}}
     if address:
-        if address.startswith("ray://"):
-            _check_tcp(address[len("ray://"):])
-        elif address != "auto":
-            _check_tcp(address)
+        check_reachable(settings)
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         except (ConnectionError, RuntimeError) as exc:

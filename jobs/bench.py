@@ -17,6 +17,7 @@ import ray
 
 from draftsmith import cluster, tracking
 from draftsmith.bench.embedded_base import build_section, throughput_section
+from draftsmith.bench.engine_modes import engine_mode_section
 from draftsmith.bench.report import write_results
 from draftsmith.bench.serving import serving_section
 from draftsmith.bench.speculation import speculation_sections
@@ -46,12 +47,12 @@ def main() -> int:
         cluster.connect(recipe.ray)
         try:
             model_dir = build_embedded_base(recipe.base.embedded, tracking_uri=tracking.current_uri())
-            synthesis = synthesis_section(model_dir, recipe.synthesis)
+            synthesis = synthesis_section(model_dir, recipe.synthesis, vllm=recipe.vllm)
             training = training_section(model_dir, recipe)
         finally:
             ray.shutdown()  # free the cores before measuring plain generation
-        sections = [build_section(model_dir), throughput_section(model_dir), synthesis, training, *speculation,
-                    serving]
+        sections = [build_section(model_dir), throughput_section(model_dir), engine_mode_section(model_dir), synthesis,
+                    training, *speculation, serving]
         results = write_results(sections, Path(args.out), command_line())
         tracking.log_artifact(results.parent)
     print(results.read_text())

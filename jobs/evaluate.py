@@ -42,7 +42,7 @@ def main() -> int:
     with tracking.start_run("evaluate", tags={"draftsmith.recipe": recipe.name,
                                               "draftsmith.evaluated": args.model or str(args.export)}):
         draft = resolve_draft(args.model or args.export, args.base)
-        report = evaluate_draft(draft, recipe.evaluation, out, device=eval_device(recipe))
+        report = evaluate_draft(draft, recipe.evaluation, out, device=eval_device(recipe), vllm=recipe.vllm)
     print((out / "evaluation.md").read_text())
     print(json.dumps({"report": str(out / "evaluation.json")}))
     return 0 if report else 1

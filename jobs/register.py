@@ -50,7 +50,7 @@ def main() -> int:
                                               "draftsmith.registered_version": args.gate}):
             draft = from_registry(f"models:/{name}/{args.gate}", out / "version")
             decision = promotion_gate(name=name, version=args.gate, draft=draft, settings=recipe.evaluation,
-                                      out_dir=out, device=eval_device(recipe))
+                                      out_dir=out, device=eval_device(recipe), vllm=recipe.vllm)
         print(json.dumps(decision, indent=2))
         return 0
     if args.alias:

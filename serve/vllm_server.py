@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from draftsmith.recipe.schema import ServingSettings
 from draftsmith.serving.limits import prompt_token_ids
+from draftsmith.engines.vllm_args import engine_args
 from draftsmith.engines.vllm_metrics import engine_stats_snapshot
 from draftsmith.serving.model_source import materialize, resolve_device
 from serve.stats_board import start_reporting
@@ -29,10 +30,7 @@ def vllm_engine_kwargs(settings: ServingSettings, model, device: str) -> dict[st
 
     kwargs: dict[str, Any] = {"tokenizer": str(model.base_dir), "disable_log_stats": False,
                               "max_model_len": settings.max_model_len or context_length(model.base_dir)}
-    if device == "cpu":
-        from draftsmith.engines.vllm_cpu import cpu_engine_kwargs
-
-        kwargs.update(cpu_engine_kwargs())
+    kwargs.update(engine_args(settings.vllm, device))
     speculative = model.vllm_speculative_config(settings, device)
     if speculative is not None:
         kwargs["speculative_config"] = speculative

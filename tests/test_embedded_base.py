@@ -20,8 +20,11 @@ from draftsmith.embedded.conversations import Conversation
 from draftsmith.embedded.exact_match import greedy_answers, turn_prompts
 from draftsmith.engines.vllm_offline import run_vllm_chat
 from draftsmith.pipeline.stage import DONE_MARKER
+from draftsmith.recipe.schema import VllmSettings
 
 pytestmark = pytest.mark.slow
+
+EAGER = VllmSettings(enforce_eager=True)  # a start in seconds, as the tiny recipe has it
 
 
 def test_build_writes_a_hugging_face_folder_and_a_report(tiny_base, tiny_recipe):
@@ -31,8 +34,11 @@ def test_build_writes_a_hugging_face_folder_and_a_report(tiny_base, tiny_recipe)
         assert (tiny_base / name).is_file(), name
     validate_causal_lm_folder(tiny_base)
     report = build_report(tiny_base)
-    assert 0.0 <= report["exact_match"] <= 1.0
-    assert 0.0 <= report["eos_share"] <= 1.0
+    # The test base's floors (tests/conftest.py, README "Tests"): it ends its turns and has learnt the corpus; it is
+    # too small to answer exactly, which the default base does (the bench's figures).
+    assert report["eos_share"] >= 0.9, report["eos_share"]
+    assert report["train_metrics"]["final_loss"] <= 1.2, report["train_metrics"]
+    assert 0.0 <= report["exact_match"] <= 1.0 and report["num_turns"] == sum(report["counts"].values())
     assert set(report["per_family"]) >= set(tiny_recipe.base.embedded.corpus.families)
     assert report["train_metrics"]["steps"] > 0
     assert report["peak_memory_bytes"] > 0
@@ -58,31 +64,39 @@ def test_loads_in_transformers_and_stops_on_eos(tiny_base):
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
     assert tokenizer.eos_token_id == model.config.eos_token_id == model.generation_config.eos_token_id
     prompts = turn_prompts([Conversation.from_record(r) for r in heldout_conversations(tiny_base)[:4]])
-    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=24)
+    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=96)
     assert len(answers) == len(prompts)
-    assert all(isinstance(text, str) for text, _ in answers)
+    assert all(eos for _, eos in answers), answers  # every answer ended on the EOS token, not at the limit
+    assert all(text.strip() and tokenizer.eos_token not in text for text, _ in answers), answers
 
 
 def test_vllm_cpu_generates_what_transformers_generates(tiny_base):
-    """vLLM (CPU) loads the folder; its greedy tokens agree with transformers' on held-out prompts."""
+    """vLLM (CPU) loads the folder and its greedy tokens are transformers' greedy tokens on held-out prompts, all
+    16 of them; where the two part, transformers' own logits must show a tie (fp32 kernels differ in the last bits)."""
     records = heldout_conversations(tiny_base)[:6]
-    conversations = [[m for m in r["messages"] if m["role"] != "assistant"][:2] for r in records]
-    # keep each prompt up to its first user turn, the same in both engines
+    # each prompt up to its first user turn (a system prompt stays), the same in both engines
+    conversations = [[m for m in r["messages"] if m["role"] != "assistant"] for r in records]
     conversations = [c[: next(i for i, m in enumerate(c) if m["role"] == "user") + 1] for c in conversations]
-    result = run_vllm_chat(tiny_base, conversations, max_tokens=16)
+    result = run_vllm_chat(tiny_base, conversations, max_tokens=16, vllm=EAGER)
     assert len(result["outputs"]) == len(conversations)
-    assert result["output_tokens"] > 0
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
-    agree = 0
+    eos = tokenizer.eos_token_id
     for conv, out in zip(conversations, result["outputs"], strict=True):
         enc = tokenizer.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.inference_mode():
-            ids = model.generate(**enc, max_new_tokens=16, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+            ids = model.generate(**enc, max_new_tokens=16, do_sample=False, eos_token_id=eos,
                                  pad_token_id=tokenizer.pad_token_id)[0, enc["input_ids"].shape[1]:].tolist()
+        ids = ids[: ids.index(eos) + 1] if eos in ids else ids  # vLLM's ids end with the EOS it stopped on
         vllm_ids = out["token_ids"]
-        n = min(len(ids), len(vllm_ids), 8)
-        agree += ids[:n] == vllm_ids[:n]
-    # fp32 in both; an undertrained model can hit near-ties, so allow one prompt to diverge
-    assert agree >= len(conversations) - 1
+        assert vllm_ids, f"vLLM generated nothing for {conv}"
+        if vllm_ids == ids:
+            continue
+        split = next(i for i, (a, b) in enumerate(zip(ids + [None], vllm_ids + [None], strict=False)) if a != b)
+        assert split < min(len(ids), len(vllm_ids)), (ids, vllm_ids)  # one stopped early: no tie explains that
+        prefix = torch.cat([enc["input_ids"], torch.tensor([ids[:split]], dtype=torch.long)], dim=1)
+        with torch.inference_mode():
+            logits = model(input_ids=prefix).logits[0, -1]
+        gap = float(logits[ids[split]] - logits[vllm_ids[split]])
+        assert gap < 1e-3, f"vLLM chose token {vllm_ids[split]} at step {split}, {gap:.4f} below transformers' choice"

@@ -3,23 +3,24 @@ fix that makes sampled speculative decoding accept anything at all."""
 
 from __future__ import annotations
 
+import functools
 import json
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from conftest import DATA_OVERRIDES, FLOW, run_job
-from draftsmith import tracking
 from draftsmith.engines.vllm_cpu import expand_batch_values, fix_cpu_expand_kernel
 from draftsmith.evaluation.gate import decide
 from draftsmith.evaluation.measure import BASE, DRAFT, summarize
 from draftsmith.evaluation.prompt_sets import PromptSetError, load_prompt_set
-from draftsmith.pipeline.runner import run_pipeline
+from draftsmith.export.bundle import export_bundle
 from draftsmith.recipe.loader import RecipeError, load_recipe
-from draftsmith.recipe.schema import PromptSet
-from draftsmith.stages import pipeline_stages
+from draftsmith.recipe.schema import ExportSettings, PromptSet
+from draftsmith.registry.register import register_export
 
 K = 3
 
@@ -170,42 +171,38 @@ def test_evaluate_job_takes_a_registered_version_by_alias(flow, mlflow_server, t
 
 
 @pytest.mark.slow
-def test_gate_promotes_a_better_draft_and_refuses_a_worse_one(flow, training_root, mlflow_server, tmp_path):
-    """A 2-step bf16 draft becomes champion of an empty name; the flow's trained draft, registered after it,
-    beats it and is promoted by the gate job; the 2-step draft, gated again, is refused."""
+def test_gate_promotes_a_better_draft_and_refuses_a_worse_one(flow, mlflow_server, tmp_path):
+    """The flow's untrained draft (the convert stage's checkpoint, exported) is champion of an empty name; the
+    flow's trained draft, registered after it, beats it and is promoted by the gate job; the untrained one, gated
+    again, is refused."""
     _, results = flow
     name = "tiny-gate-under-test"  # not the flow's registry name, whose tests expect one version
-    weak = load_recipe("tiny-eagle3", [
-        *DATA_OVERRIDES, f"output_dir={training_root}", *FLOW, f"tracking.uri={mlflow_server}",
-        f"tracking.registry_name={name}", "training.steps=2", "quantization.format=none", "export.verify_prompts=0",
-        "evaluation.temperatures=[0]", "evaluation.ngram_baseline=false"])
-    tracking.configure(weak.tracking, training_root)
-    weak_results = run_pipeline(weak, pipeline_stages("register"))
-    weak_version = weak_results["register"].outputs
-    assert weak_version["alias"] == "champion" and weak_version["gate"]["reason"] == "no champion yet"
-
-    from draftsmith.registry.register import register_export
-
-    strong_version = register_export(
-        name=name, export_dir=results["export"].directory / "export", base_dir=results["base"].outputs["model_dir"],
-        recipe_file=results["register"].directory / "recipe.yaml", tags={}, num_speculative_tokens=K)["version"]
+    base = results["base"].outputs
+    untrained = tmp_path / "untrained-export"
+    export_bundle(checkpoint=Path(results["convert"].outputs["draft_dir"]), base_dir=Path(base["model_dir"]),
+                  base_hash=base["model_hash"], quantized_base_dir=None, settings=ExportSettings(),
+                  out_dir=untrained)
+    register = functools.partial(register_export, name=name, base_dir=base["model_dir"], tags={},
+                                 recipe_file=results["register"].directory / "recipe.yaml", num_speculative_tokens=K)
+    weak = register(export_dir=untrained, alias="champion")["version"]
+    strong_version = register(export_dir=results["export"].directory / "export")["version"]
     job_args = ["--recipe", "tiny-eagle3", *[a for o in [*DATA_OVERRIDES, *FLOW] for a in ("--set", o)],
                 "--set", f"tracking.uri={mlflow_server}", "--set", f"tracking.registry_name={name}",
                 "--set", f"output_dir={tmp_path}"]
     promoted = run_job("jobs.register", *job_args, "--gate", strong_version, timeout=900)
     assert promoted.returncode == 0, promoted.stderr[-3000:]
     decision = _printed_json(promoted.stdout)
-    assert decision["promoted"] and decision["champion_version"] == weak_version["version"], decision
+    assert decision["promoted"] and decision["champion_version"] == weak, decision
     assert decision["new"]["acceptance_length"] > decision["champion"]["acceptance_length"]
     client = MlflowClient()
     assert client.get_model_version_by_alias(name, "champion").version == strong_version
 
-    refused = run_job("jobs.register", *job_args, "--gate", weak_version["version"], timeout=900)
+    refused = run_job("jobs.register", *job_args, "--gate", weak, timeout=900)
     assert refused.returncode == 0, refused.stderr[-3000:]
     decision = _printed_json(refused.stdout)
     assert not decision["promoted"] and decision["alias"] == "challenger", decision
     assert f"< champion v{strong_version}'s" in decision["reason"]
     assert client.get_model_version_by_alias(name, "champion").version == strong_version
-    assert client.get_model_version_by_alias(name, "challenger").version == weak_version["version"]
-    assert client.get_model_version(name, weak_version["version"]).tags["draftsmith.gate"] == "refused"
+    assert client.get_model_version_by_alias(name, "challenger").version == weak
+    assert client.get_model_version(name, weak).tags["draftsmith.gate"] == "refused"
 

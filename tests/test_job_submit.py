@@ -9,23 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_BASE_OVERRIDES, clean_env, head_node_at
+from conftest import ROOT, TINY_BASE_OVERRIDES, clean_env
 
 pytestmark = pytest.mark.slow
 
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-@pytest.fixture
-def head_node(tmp_path):
-    with head_node_at(tmp_path) as dashboard:
-        yield dashboard
-
-
 def test_ray_job_submit_runs_the_pipeline(tiny_base, head_node, tmp_path):
     out = tmp_path / "runs"
     overrides = [a for o in [f"output_dir={out}", *TINY_BASE_OVERRIDES] for a in ("--set", o)]
-    cmd = [RAY, "job", "submit", "--address", head_node, "--working-dir", str(ROOT),
+    cmd = [RAY, "job", "submit", "--address", head_node.dashboard, "--working-dir", str(ROOT),
                 "--runtime-env", str(ROOT / "platform" / "runtime_env.yaml"), "--",
            sys.executable, "-m", "jobs.pipeline", "--recipe", "tiny-eagle3", "--until", "prompts",
            *overrides]

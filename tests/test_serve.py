@@ -4,7 +4,6 @@ by `jobs.deploy` from serve/config.yaml, vLLM (CPU) engines serving the flow's r
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import threading
@@ -16,7 +15,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import FLOW_REGISTRY, ROOT, free_port, head_node_at, run_job
+from conftest import FLOW_REGISTRY, ROOT, free_port, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +42,8 @@ def deploy(dashboard: str, config: Path, tracking_uri: str, *sets: str) -> subpr
 
 
 @pytest.fixture(scope="module")
-def endpoint(registered, tmp_path_factory):
-    """The deployed endpoint: (base URL, dashboard address, config file, work folder)."""
+def endpoint(registered, head_node, tmp_path_factory):
+    """The deployed endpoint on the session's head node: (base URL, the head node, config file, work folder)."""
     tracking_uri, _ = registered
     work = tmp_path_factory.mktemp("serve")
     key_file = work / "api-key"
@@ -53,12 +52,11 @@ def endpoint(registered, tmp_path_factory):
     port = free_port()
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     (work / "config.yaml").write_text(yaml.safe_dump(config))
-    with head_node_at(work) as dashboard:
-        result = deploy(dashboard, work / "config.yaml", tracking_uri, f"model_ref=models:/{MODEL}@champion",
-                        "replicas=2", f"api_key_file={key_file}", f"max_prompt_tokens={MAX_PROMPT_TOKENS}",
-                        f"max_body_bytes={MAX_BODY}", f"download_dir={work / 'models'}")
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        yield f"http://127.0.0.1:{port}", dashboard, work / "config.yaml", work
+    result = deploy(head_node.dashboard, work / "config.yaml", tracking_uri, f"model_ref=models:/{MODEL}@champion",
+                    "replicas=2", f"api_key_file={key_file}", f"max_prompt_tokens={MAX_PROMPT_TOKENS}",
+                    f"max_body_bytes={MAX_BODY}", f"download_dir={work / 'models'}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    yield f"http://127.0.0.1:{port}", head_node, work / "config.yaml", work
 
 
 def client(url: str, key: str | None = KEY) -> httpx.Client:
@@ -91,11 +89,13 @@ def test_answers_equal_vllms_own_greedy_output(endpoint, flow):
     """Chat and completion, streamed and not, give what vLLM gives for the base alone (speculation is lossless)."""
     from draftsmith.engines.vllm_offline import run_vllm_chat
     from draftsmith.evaluation.evaluate import from_export
+    from draftsmith.recipe.schema import VllmSettings
 
     url = endpoint[0]
     draft = from_export(flow[1]["export"].outputs["export_dir"])
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    expected = [o["text"] for o in run_vllm_chat(draft.base_dir, conversations, max_tokens=24)["outputs"]]
+    expected = [o["text"] for o in run_vllm_chat(draft.base_dir, conversations, max_tokens=24,
+                                                 vllm=VllmSettings(enforce_eager=True))["outputs"]]
     c = client(url)
     for question, want in zip(QUESTIONS, expected, strict=True):
         answer = c.post("/v1/chat/completions", json=chat_body(question))
@@ -237,30 +237,35 @@ class Traffic(threading.Thread):
                 self.statuses.append(repr(exc))
 
 
-def _engine_cores() -> list[psutil.Process]:
+def _engine_cores(head) -> list[psutil.Process]:
+    """The vLLM EngineCore processes of this cluster's Serve replicas: descendants of the head node's process (no
+    other vLLM on the machine, a test's or a user's, is ever touched)."""
     found = []
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        title = " ".join(proc.info.get("cmdline") or []) + (proc.info.get("name") or "")
-        if "EngineCore" in title and proc.pid != os.getpid():
+    for proc in psutil.Process(head.pid).children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline()) + proc.name()
+        except psutil.NoSuchProcess:
+            continue
+        if "EngineCore" in title:
             found.append(proc)
     return found
 
 
 def test_a_dead_engine_is_replaced_and_the_endpoint_keeps_answering(endpoint):
-    url = endpoint[0]
-    cores = _engine_cores()
-    assert len(cores) >= 2, [p.info for p in cores]  # two engine replicas (plus nothing else running vLLM now)
+    url, head = endpoint[0], endpoint[1]
+    cores = _engine_cores(head)
+    assert len(cores) == 2, cores  # one per engine replica
     traffic = Traffic(url, KEY)
     traffic.start()
     time.sleep(2)
     cores[0].send_signal(signal.SIGKILL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(_engine_cores()) < 2:  # Serve restarts the replica
+    while time.time() < deadline and len(_engine_cores(head)) < 2:  # Serve restarts the replica
         time.sleep(2)
     time.sleep(5)
     traffic.stop.set()
     traffic.join(timeout=300)
-    assert len(_engine_cores()) >= 2
+    assert len(_engine_cores(head)) == 2 and cores[0].pid not in {p.pid for p in _engine_cores(head)}
     assert traffic.statuses and all(s == 200 for s in traffic.statuses), traffic.statuses
 
 
@@ -268,7 +273,7 @@ def test_redeploy_moves_the_endpoint_to_a_new_champion_without_failed_requests(e
     """A new version becomes champion; jobs.deploy again (auth now off) rolls the replicas over under load."""
     from mlflow import MlflowClient
 
-    url, dashboard, config, work = endpoint
+    url, head, config, work = endpoint
     tracking_uri, old_version = registered
     registry = MlflowClient(tracking_uri)
     old = registry.get_model_version(MODEL, old_version)
@@ -282,7 +287,7 @@ def test_redeploy_moves_the_endpoint_to_a_new_champion_without_failed_requests(e
     try:
         traffic = Traffic(url, KEY)
         traffic.start()
-        result = deploy(dashboard, config, tracking_uri, f"model_ref=models:/{MODEL}@champion", "replicas=2",
+        result = deploy(head.dashboard, config, tracking_uri, f"model_ref=models:/{MODEL}@champion", "replicas=2",
                         "api_key_file=null", f"max_prompt_tokens={MAX_PROMPT_TOKENS}",
                         f"max_body_bytes={MAX_BODY}", f"download_dir={work / 'models'}")
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

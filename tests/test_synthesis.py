@@ -18,6 +18,7 @@ from conftest import ROOT, TINY_BASE_OVERRIDES, clean_env
 from draftsmith.embedded.build import heldout_conversations
 from draftsmith.engines.vllm_offline import run_vllm_chat
 from draftsmith.recipe.loader import load_recipe
+from draftsmith.recipe.schema import VllmSettings
 from draftsmith.synthesis.synthesize import SynthesisError, synthesize_conversations
 
 pytestmark = pytest.mark.slow
@@ -132,7 +133,7 @@ def test_vllm_synthesis_resumes_after_a_kill_without_duplicates_or_losses(tiny_b
     # Greedy decoding is deterministic: vLLM run directly on the regenerated prefixes gives the same turns.
     sample = outputs[:4]
     prompts = [o["messages"][:1] for o in sample] + [o["messages"][:3] for o in sample]
-    direct = run_vllm_chat(tiny_base, prompts, max_tokens=24)["outputs"]
+    direct = run_vllm_chat(tiny_base, prompts, max_tokens=24, vllm=VllmSettings(enforce_eager=True))["outputs"]
     expected = [o["messages"][1]["content"] for o in sample] + [o["messages"][3]["content"] for o in sample]
     agree = sum(d["text"] == e for d, e in zip(direct, expected, strict=True))
     assert agree >= len(expected) - 1  # fp32 both ways; allow one near-tie

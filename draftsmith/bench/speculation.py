@@ -126,7 +126,7 @@ def speculation_sections(recipe_name: str, overrides: list[str]) -> list[Section
     runs = plan_runs(sets, [0.0], recipe.evaluation)
     unshifted = {"method": "eagle3", "model": str(draft.export_dir / "draft"), "num_speculative_tokens": k}
     unshifted_row = summarize(run_configurations(draft.base_dir, {BASE: None, DRAFT: unshifted}, runs,
-                                                 eval_device(recipe)), runs, k)[0]
+                                                 eval_device(recipe), recipe.vllm), runs, k)[0]
 
     comparison = Section(f"Algorithms and precision: {gate_set}, greedy, {k} speculative tokens (same prompts)",
                          ["configuration", "acceptance length", "per position", "speedup vs base",

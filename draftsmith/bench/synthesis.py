@@ -1,5 +1,5 @@
-"""Benchmark of synthesis: tokens/s through Ray Data with 1 and 2 vLLM engine actors, against one plain
-`vllm.LLM` generate loop over the same prompts, in one run."""
+"""Benchmark of synthesis: tokens/s through the synthesis stage's Ray Data actor pool with 1 and 2 vLLM engine
+actors, against one plain `vllm.LLM` generate loop over the same prompts, in one run."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 from draftsmith.bench.report import Section
 from draftsmith.embedded.build import heldout_conversations
 from draftsmith.engines.vllm_offline import run_vllm_chat
-from draftsmith.recipe.schema import SynthesisSettings
+from draftsmith.recipe.schema import SynthesisSettings, VllmSettings
 from draftsmith.synthesis.synthesize import synthesize_conversations
 
 
 def synthesis_section(model_dir: Path, settings: SynthesisSettings, num_prompts: int = 1024,
-                      max_tokens: int = 96) -> Section:
+                      max_tokens: int = 96, vllm: VllmSettings | None = None) -> Section:
     """Single-turn prompts (one round), greedy, so every configuration generates the same tokens."""
     records = heldout_conversations(model_dir)
     prompts = [[m for m in r["messages"] if m["role"] != "assistant"][: 2 if r["messages"][0]["role"] == "system"
@@ -31,24 +31,23 @@ def synthesis_section(model_dir: Path, settings: SynthesisSettings, num_prompts:
         data = Path(tmp) / "prompts.jsonl"
         data.write_text("".join(json.dumps({"messages": p}) + "\n" for p in prompts))
         started = time.perf_counter()
-        plain = run_vllm_chat(model_dir, prompts, max_tokens=max_tokens)
+        plain = run_vllm_chat(model_dir, prompts, max_tokens=max_tokens, vllm=vllm)
         plain_wall = time.perf_counter() - started
         plain_tps = plain["output_tokens"] / plain_wall
         rows = []
         for actors in (1, 2):
             s = settings.model_copy(deep=True)
-            s.concurrency, s.shard_size = actors, num_prompts
+            s.concurrency, s.shard_size = actors, -(-num_prompts // actors)  # a shard per actor
             s.sampling.temperature, s.sampling.max_tokens_per_turn = 0.0, max_tokens
             result = synthesize_conversations([(str(data), "openai")], model_dir, s, Path(tmp) / f"out-{actors}",
-                                              max_bad_share=1.0)
-            rows.append((f"Ray Data + ray.data.llm vLLM, {actors} engine actor{'s' if actors > 1 else ''}",
+                                              max_bad_share=1.0, vllm=vllm)
+            rows.append((f"synthesis stage (Ray Data), {actors} vLLM engine actor{'s' if actors > 1 else ''}",
                          result["generated_tokens"], result["seconds"]))
     for name, tokens, wall in rows:
         section.add(name, tokens, wall, tokens / wall, (tokens / wall) / plain_tps)
     section.add("plain vllm.LLM.chat, one process", plain["output_tokens"], plain_wall, plain_tps, 1.0)
     section.notes.append(f"{num_prompts} single-turn prompts, greedy, up to {max_tokens} tokens; wall time includes "
                          f"engine start-up for every row (plain generate alone: {plain['output_tokens_per_s']:,.0f} "
-                         "tokens/s). ray.data.llm counts generated tokens without the closing EOS, plain vLLM with it. On 2 cores every "
-                         "CPU engine binds core 0 (VLLM_CPU_OMP_THREADS_BIND=auto), so a second actor overlaps start-up "
-                         "rather than adding compute.")
+                         "tokens/s). On 2 cores every CPU engine binds core 0 (VLLM_CPU_OMP_THREADS_BIND=auto), so a "
+                         "second actor overlaps start-up rather than adding compute.")
     return section

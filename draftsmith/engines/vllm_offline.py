@@ -24,23 +24,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+from draftsmith.engines.vllm_args import engine_env
 from draftsmith.engines.vllm_metrics import spec_decode_counters, spec_decode_delta
+from draftsmith.recipe.schema import VllmSettings
 
 
 def run_vllm_plan(model: str | Path, runs: list[dict[str, Any]], speculative_config: dict[str, Any] | None = None,
                   device: str = "cpu", dtype: str | None = None, max_model_len: int = 1024,
-                  timeout_s: float = 1800.0) -> list[dict[str, Any]]:
+                  timeout_s: float = 1800.0, vllm: VllmSettings | None = None) -> list[dict[str, Any]]:
     """Run the plan in a child process and return one result per run (raises with vLLM's log on failure)."""
     with tempfile.TemporaryDirectory(prefix="draftsmith-vllm-") as tmp:
         plan, out = Path(tmp) / "plan.json", Path(tmp) / "result.json"
         plan.write_text(json.dumps(runs))
         cmd = [sys.executable, "-m", "draftsmith.engines.vllm_offline", "--model", str(model), "--plan", str(plan),
-               "--out", str(out), "--device", device, "--max-model-len", str(max_model_len)]
+               "--out", str(out), "--device", device, "--max-model-len", str(max_model_len),
+               "--engine-settings", (vllm or VllmSettings()).model_dump_json()]
         if dtype is not None:
             cmd += ["--dtype", dtype]
         if speculative_config is not None:
             cmd += ["--speculative-config", json.dumps(speculative_config)]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               **engine_env(vllm)}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
         if proc.returncode != 0 or not out.is_file():
             # vLLM's own message can be buried under a long list (e.g. every supported architecture): lead with
@@ -53,11 +57,13 @@ def run_vllm_plan(model: str | Path, runs: list[dict[str, Any]], speculative_con
 
 def run_vllm_chat(model: str | Path, conversations: list[list[dict[str, str]]], max_tokens: int,
                   timeout_s: float = 900.0, dtype: str | None = None,
-                  speculative_config: dict[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
+                  speculative_config: dict[str, Any] | None = None, device: str = "cpu",
+                  vllm: VllmSettings | None = None) -> dict[str, Any]:
     """Greedy answers to `conversations` (message lists), all in flight at once; one result with `outputs`."""
     run = {"name": "chat", "conversations": [{"messages": c} for c in conversations], "temperature": 0.0,
            "max_tokens": max_tokens, "concurrency": max(1, len(conversations))}
-    result = run_vllm_plan(model, [run], speculative_config, device=device, dtype=dtype, timeout_s=timeout_s)[0]
+    result = run_vllm_plan(model, [run], speculative_config, device=device, dtype=dtype, timeout_s=timeout_s,
+                           vllm=vllm)[0]
     result["outputs"] = [c["turns"][0] for c in result["conversations"]]
     return result
 
@@ -137,10 +143,10 @@ def _generate_run(llm, run: dict[str, Any], speculative: bool, max_model_len: in
 def _generate(args: argparse.Namespace) -> list[dict[str, Any]]:
     from vllm import LLM
 
-    from draftsmith.engines.vllm_cpu import cpu_engine_kwargs
+    from draftsmith.engines.vllm_args import engine_args
 
     runs = json.loads(Path(args.plan).read_text())
-    kwargs: dict[str, Any] = cpu_engine_kwargs() if args.device == "cpu" else {}
+    kwargs = engine_args(VllmSettings.model_validate_json(args.engine_settings), args.device)
     if args.dtype:
         kwargs["dtype"] = args.dtype
     if args.speculative_config:
@@ -162,6 +168,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, the model's dtype on GPUs")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--speculative-config", default=None, help="vLLM speculative_config as JSON")
+    parser.add_argument("--engine-settings", default="{}", help="the recipe's `vllm` section as JSON")
     args = parser.parse_args()
     Path(args.out).write_text(json.dumps(_generate(args)))
 

@@ -15,7 +15,7 @@ from draftsmith.evaluation.prompt_sets import load_prompt_set
 from draftsmith.evaluation.report import write_report
 from draftsmith.export.bundle import export_engine_config, read_manifest
 from draftsmith.export.engine_configs import vllm_runtime_config
-from draftsmith.recipe.schema import EvaluationSettings
+from draftsmith.recipe.schema import EvaluationSettings, VllmSettings
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ def load_sets(settings: EvaluationSettings, heldout_file: str | Path | None, out
     return [load_prompt_set(s, heldout_file, out_dir / QUARANTINE_DIR, settings.max_bad_share, limit) for s in chosen]
 
 
-def evaluate_draft(draft: DraftUnderTest, settings: EvaluationSettings, out_dir: Path, device: str = "cpu", log_to_mlflow: bool = True) -> dict[str, Any]:
+def evaluate_draft(draft: DraftUnderTest, settings: EvaluationSettings, out_dir: Path, device: str = "cpu",
+                   log_to_mlflow: bool = True, vllm: VllmSettings | None = None) -> dict[str, Any]:
     """The full evaluation: every prompt set at every temperature, base / draft / n-gram, written and logged."""
     k = settings.num_speculative_tokens
     sets = load_sets(settings, draft.heldout_file(), out_dir)
@@ -127,7 +128,7 @@ def evaluate_draft(draft: DraftUnderTest, settings: EvaluationSettings, out_dir:
     configs: dict[str, dict[str, Any] | None] = {BASE: None, DRAFT: draft.speculative_config(k, device)}
     if settings.ngram_baseline:
         configs[NGRAM] = ngram_config(settings)
-    results = run_configurations(draft.base_dir, configs, runs, device)
+    results = run_configurations(draft.base_dir, configs, runs, device, vllm)
     manifest = draft.manifest
     report = {"model": draft.label, "export_dir": str(draft.export_dir), "base_dir": str(draft.base_dir),
               "registry_version": draft.registry_version, "algorithm": manifest["algorithm"],

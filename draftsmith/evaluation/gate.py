@@ -17,7 +17,7 @@ from typing import Any
 from draftsmith import tracking
 from draftsmith.evaluation.evaluate import DraftUnderTest, from_registry, load_sets
 from draftsmith.evaluation.measure import BASE, DRAFT, plan_runs, run_configurations, summarize
-from draftsmith.recipe.schema import EvaluationSettings
+from draftsmith.recipe.schema import EvaluationSettings, VllmSettings
 from draftsmith.registry.register import set_alias, tag_version
 
 log = logging.getLogger(__name__)
@@ -26,10 +26,10 @@ GATE_FILE = "gate.json"
 
 
 def _gate_numbers(draft: DraftUnderTest, runs: list[dict[str, Any]], settings: EvaluationSettings,
-                  device: str, with_base: bool) -> dict[str, Any]:
+                  device: str, with_base: bool, vllm: VllmSettings | None) -> dict[str, Any]:
     configs = {**({BASE: None} if with_base else {}),
                DRAFT: draft.speculative_config(settings.num_speculative_tokens, device)}
-    row = summarize(run_configurations(draft.base_dir, configs, runs, device), runs,
+    row = summarize(run_configurations(draft.base_dir, configs, runs, device, vllm), runs,
                     settings.num_speculative_tokens)[0]
     return {"acceptance_length": row[DRAFT]["acceptance_length"] or 1.0,  # None: no step drafted
             "acceptance_rate_per_position": row[DRAFT]["acceptance_rate_per_position"],
@@ -54,7 +54,7 @@ def decide(new: dict[str, Any], champion: dict[str, Any] | None, champion_versio
 
 
 def promotion_gate(*, name: str, version: str, draft: DraftUnderTest, settings: EvaluationSettings,
-                   out_dir: Path, device: str = "cpu") -> dict[str, Any]:
+                   out_dir: Path, device: str = "cpu", vllm: VllmSettings | None = None) -> dict[str, Any]:
     """Evaluate `version` (and the champion, if any) on the gate set; move the aliases; return the decision."""
     out_dir.mkdir(parents=True, exist_ok=True)
     sets = load_sets(settings, draft.heldout_file(), out_dir, only=settings.gate_set,
@@ -62,11 +62,11 @@ def promotion_gate(*, name: str, version: str, draft: DraftUnderTest, settings: 
     runs = plan_runs(sets, [0.0], settings)
     incumbent = tracking.version_by_alias(name, "champion")
     champion_version = None if incumbent is None or str(incumbent.version) == version else str(incumbent.version)
-    new = _gate_numbers(draft, runs, settings, device, with_base=True)
+    new = _gate_numbers(draft, runs, settings, device, with_base=True, vllm=vllm)
     champion = None
     if champion_version is not None:
         champion = _gate_numbers(from_registry(f"models:/{name}/{champion_version}", out_dir / "champion"), runs,
-                                 settings, device, with_base=False)
+                                 settings, device, with_base=False, vllm=vllm)
     if incumbent is not None and champion_version is None:
         promote, reason = True, "already the champion"  # a re-run of the register stage
     else:

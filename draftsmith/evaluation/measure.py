@@ -15,7 +15,7 @@ from typing import Any
 
 from draftsmith.engines.vllm_offline import run_vllm_plan
 from draftsmith.evaluation.prompt_sets import LoadedPromptSet
-from draftsmith.recipe.schema import EvaluationSettings
+from draftsmith.recipe.schema import EvaluationSettings, VllmSettings
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,14 @@ def context_length(base_dir: Path, cap: int = 16384) -> int:
 
 
 def run_configurations(base_dir: Path, configs: dict[str, dict[str, Any] | None], runs: list[dict[str, Any]],
-                       device: str = "cpu") -> dict[str, dict[str, dict[str, Any]]]:
+                       device: str = "cpu", vllm: VllmSettings | None = None
+                       ) -> dict[str, dict[str, dict[str, Any]]]:
     """{configuration: {run name: vLLM result}}; a None config is the base without speculation."""
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for name, speculative in configs.items():
         log.info("evaluation: %s on %d runs (%s)", name, len(runs), ", ".join(r["name"] for r in runs))
-        outputs = run_vllm_plan(base_dir, runs, speculative, device=device, max_model_len=context_length(base_dir))
+        outputs = run_vllm_plan(base_dir, runs, speculative, device=device, max_model_len=context_length(base_dir),
+                                vllm=vllm)
         results[name] = {r["name"]: out for r, out in zip(runs, outputs, strict=True)}
     return results
 

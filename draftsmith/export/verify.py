@@ -10,6 +10,7 @@ from typing import Any
 
 from draftsmith.engines.vllm_offline import run_vllm_chat
 from draftsmith.export.engine_configs import vllm_runtime_config
+from draftsmith.recipe.schema import VllmSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,11 @@ def first_user_turns(conversation_files: list[str], count: int) -> list[list[dic
 
 
 def greedy_round_trip(base_dir: Path, speculative_config: dict[str, Any], prompts: list[list[dict[str, str]]],
-                      max_tokens: int, device: str = "cpu") -> dict[str, Any]:
+                      max_tokens: int, device: str = "cpu", vllm: VllmSettings | None = None) -> dict[str, Any]:
     """Run the base with and without the draft in vLLM; return the comparison and vLLM's acceptance counters."""
-    plain = run_vllm_chat(base_dir, prompts, max_tokens, device=device)
+    plain = run_vllm_chat(base_dir, prompts, max_tokens, device=device, vllm=vllm)
     drafted = run_vllm_chat(base_dir, prompts, max_tokens, speculative_config=vllm_runtime_config(speculative_config),
-                            device=device)
+                            device=device, vllm=vllm)
     mismatches = [i for i, (a, b) in enumerate(zip(plain["outputs"], drafted["outputs"], strict=True))
                   if a["token_ids"] != b["token_ids"]]
     counters = drafted["spec_decode"] or {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from draftsmith import tracking
@@ -18,7 +19,8 @@ def stage_dir(recipe: Recipe, stage: Stage, fingerprint: str) -> Path:
     return recipe.run_dir() / f"{stage.name}-{fingerprint}"
 
 
-def run_stage(stage: Stage, recipe: Recipe, upstream: dict[str, StageResult]) -> StageResult:
+def run_stage(stage: Stage, recipe: Recipe, upstream: dict[str, StageResult],
+              before_run: Callable[[Stage], None] | None = None) -> StageResult:
     fingerprint = stage.fingerprint(recipe, upstream)
     out_dir = stage_dir(recipe, stage, fingerprint)
     done = read_done(out_dir)
@@ -26,6 +28,8 @@ def run_stage(stage: Stage, recipe: Recipe, upstream: dict[str, StageResult]) ->
         log.info("stage %s: done already (%s), skipping", stage.name, out_dir)
         return StageResult(stage.name, fingerprint, out_dir, done["outputs"], skipped=True,
                            mlflow_run_id=done.get("mlflow_run_id"))
+    if before_run is not None:
+        before_run(stage)
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("stage %s: running into %s", stage.name, out_dir)
     tags = {"draftsmith.stage": stage.name, "draftsmith.fingerprint": fingerprint}
@@ -39,15 +43,17 @@ def run_stage(stage: Stage, recipe: Recipe, upstream: dict[str, StageResult]) ->
     return StageResult(stage.name, fingerprint, out_dir, outputs, mlflow_run_id=run.info.run_id)
 
 
-def run_pipeline(recipe: Recipe, stages: list[Stage]) -> dict[str, StageResult]:
-    """Run `stages` in order (each after its dependencies) under one parent MLflow run."""
+def run_pipeline(recipe: Recipe, stages: list[Stage], before_run: Callable[[Stage], None] | None = None
+                 ) -> dict[str, StageResult]:
+    """Run `stages` in order (each after its dependencies) under one parent MLflow run; `before_run(stage)` is
+    called before each stage that is not skipped."""
     results: dict[str, StageResult] = {}
     recipe_hash = settings_hash(recipe)
     with tracking.start_run(f"pipeline:{recipe.name}", tags={"draftsmith.recipe": recipe.name,
                                                              "draftsmith.recipe_hash": recipe_hash}):
         tracking.log_dict(recipe.model_dump(mode="json"), "recipe.json")
         for stage in stages:
-            result = run_stage(stage, recipe, results)
+            result = run_stage(stage, recipe, results, before_run)
             results[stage.name] = result
             tracking.set_tags({f"draftsmith.stage.{stage.name}": "skipped" if result.skipped else "ran",
                                f"draftsmith.stage.{stage.name}.dir": str(result.directory)})

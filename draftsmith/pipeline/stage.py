@@ -57,6 +57,11 @@ class Stage(ABC):
         """Checks that need the tracking server (run once it is configured, before any stage runs)."""
         return None
 
+    def needs_ray(self, recipe: Recipe) -> bool:
+        """Whether running this stage uses Ray; a pipeline whose running stages need none starts no Ray (a re-run
+        of finished work, say). True unless a stage knows better."""
+        return True
+
     @abstractmethod
     def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         """Do the work into `out_dir` (which may hold a previous partial attempt) and return named outputs."""

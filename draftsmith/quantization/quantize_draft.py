@@ -27,7 +27,7 @@ from draftsmith.draft.objective import draft_forward
 from draftsmith.quantization.formats import enabled_quantizers, modelopt_config
 from draftsmith.recipe.schema import QuantizationSettings
 from draftsmith.training.batching import collate
-from draftsmith.training.draft_data import TRAIN_DIR, VALIDATION_DIR
+from draftsmith.training.layout import TRAIN_DIR, VALIDATION_DIR
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ Logged as "models from code" (this file is the model; nothing is pickled), so
 process. Artifacts: `export` (the export folder), `recipe`, and `base` (the base model folder vLLM runs the draft beside)
 unless the version was registered with `tracking.bundle_base=false`, when the model config's `base_model` path
 is used.
-On a machine without CUDA it runs vLLM's CPU build with the export's CPU draft variant.
+On a machine without CUDA it runs vLLM's CPU build with the export's CPU draft variant. vLLM compiles the model
+unless the model config says `enforce_eager: true` (at load: `load_model(uri, model_config={"enforce_eager": True})`).
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ class SpeculativeDraftModel(PythonModel):
         import torch
         from vllm import LLM
 
-        from draftsmith.engines.vllm_cpu import cpu_engine_kwargs
+        from draftsmith.engines.vllm_args import engine_args
         from draftsmith.export.bundle import export_engine_config
         from draftsmith.export.engine_configs import vllm_runtime_config
+        from draftsmith.recipe.schema import VllmSettings
 
         device = "gpu" if torch.cuda.is_available() else "cpu"
         config = context.model_config or {}
@@ -46,7 +48,8 @@ class SpeculativeDraftModel(PythonModel):
             raise ValueError("this export has no draft vLLM can load (Medusa exports target TensorRT-LLM)")
         speculative["num_speculative_tokens"] = int(config.get("num_speculative_tokens",
                                                                speculative["num_speculative_tokens"]))
-        kwargs = cpu_engine_kwargs() if device == "cpu" else {}
+        # `enforce_eager` (the model config's, overridable at load time: `load_model(uri, model_config={...})`).
+        kwargs = engine_args(VllmSettings(enforce_eager=bool(config.get("enforce_eager", False))), device)
         base = context.artifacts.get("base") or config["base_model"]  # bundled, or a path on shared storage
         self.llm = LLM(model=base, speculative_config=vllm_runtime_config(speculative), seed=0,
                        max_model_len=int(config.get("max_model_len", 1024)), enable_prefix_caching=False, **kwargs)

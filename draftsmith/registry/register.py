@@ -80,7 +80,9 @@ def register_export(*, name: str, export_dir: Path, base_dir: Path, recipe_file:
             name="model", python_model=str(PYFUNC_FILE), code_paths=[str(PACKAGE_DIR)],
             artifacts={"export": str(export_dir), "recipe": str(recipe_file),
                        **({"base": str(base_dir)} if bundle_base else {})},
-            model_config={"num_speculative_tokens": num_speculative_tokens, "base_model": str(base_dir)},
+            # Every key a loader may override must be here (MLflow ignores unknown ones): compiled by default.
+            model_config={"num_speculative_tokens": num_speculative_tokens, "base_model": str(base_dir),
+                          "enforce_eager": False},
             signature=SIGNATURE,
             pip_requirements=["mlflow", "vllm", "torch", "transformers", "safetensors", "pyyaml", "pydantic"],
         )

@@ -7,13 +7,17 @@ from typing import Any
 
 from draftsmith import tracking
 from draftsmith.base_model import model_fingerprint, validate_causal_lm_folder
-from draftsmith.embedded.build import build_embedded_base, build_report
+from draftsmith.embedded.build import build_embedded_base, build_report, is_built
 from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.recipe.schema import BaseModelSettings, Recipe
 
 
 class BaseModelStage(Stage):
     name = "base"
+
+    def needs_ray(self, recipe: Recipe) -> bool:
+        # Only building the embedded base trains on Ray; a cached one or a user's folder is read as it is.
+        return recipe.base.model == "embedded" and not is_built(recipe.base.embedded)
 
     def settings(self, recipe: Recipe) -> BaseModelSettings | dict[str, str]:
         if recipe.base.model == "embedded":

@@ -36,6 +36,9 @@ class ConvertStage(Stage):
     name = "convert"
     depends_on = ("base", "dataset")
 
+    def needs_ray(self, recipe: Recipe) -> bool:
+        return False  # ModelOpt in this process
+
     def settings(self, recipe: Recipe) -> Any:
         # A draft that cannot fit the base fails here, before synthesis spends hours on its data.
         if recipe.base.model != "embedded":

@@ -25,13 +25,17 @@ class EvaluateStage(Stage):
     name = "evaluate"
     depends_on = ("base", "export")
 
+    def needs_ray(self, recipe: Recipe) -> bool:
+        return False  # vLLM in child processes
+
     def settings(self, recipe: Recipe) -> Any:
         return {"evaluation": recipe.evaluation.model_dump(mode="json", exclude=GATE_FIELDS),
                 "device": eval_device(recipe)}
 
     def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         draft = from_export(ctx.upstream["export"].outputs["export_dir"], ctx.upstream["base"].outputs["model_dir"])
-        report = evaluate_draft(draft, ctx.recipe.evaluation, out_dir, device=eval_device(ctx.recipe))
+        report = evaluate_draft(draft, ctx.recipe.evaluation, out_dir, device=eval_device(ctx.recipe),
+                                vllm=ctx.recipe.vllm)
         greedy = [r for r in report["rows"] if r["temperature"] == 0]
         not_identical = [r["set"] for r in greedy if not r[DRAFT].get("greedy_identical", True)]
         if not_identical:

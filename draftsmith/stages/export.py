@@ -20,6 +20,9 @@ class ExportStage(Stage):
     name = "export"
     depends_on = ("base", "synthesize", "quantize", "qat")
 
+    def needs_ray(self, recipe: Recipe) -> bool:
+        return False  # ModelOpt in this process, vLLM in a child process
+
     def settings(self, recipe: Recipe) -> Any:
         return recipe.export
 
@@ -33,7 +36,8 @@ class ExportStage(Stage):
             if settings.verify_prompts == 0 or "vllm" not in settings.targets or config is None:
                 return {"skipped": True}
             prompts = first_user_turns(ctx.upstream["synthesize"].outputs["conversations"], settings.verify_prompts)
-            result = greedy_round_trip(Path(base["model_dir"]), config, prompts, settings.verify_max_tokens, device)
+            result = greedy_round_trip(Path(base["model_dir"]), config, prompts, settings.verify_max_tokens, device,
+                                       recipe.vllm)
             if not result["identical"]:
                 raise RoundTripError(
                     f"vLLM's greedy output with the exported draft differs from the base's on prompts "

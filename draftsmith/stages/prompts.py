@@ -24,6 +24,9 @@ class PromptsStage(Stage):
     version = 3  # sources carry their format, as absolute paths
     depends_on = ("base",)
 
+    def needs_ray(self, recipe: Recipe) -> bool:
+        return False  # files only
+
     def settings(self, recipe: Recipe) -> dict[str, Any]:
         return {
             "sources": [s.model_dump(mode="json") for s in recipe.data.sources],

@@ -19,6 +19,9 @@ class QuantizeStage(Stage):
     name = "quantize"
     depends_on = ("base", "dataset", "train")
 
+    def needs_ray(self, recipe: Recipe) -> bool:
+        return recipe.training.use_gpu  # a Ray task with a GPU; on CPU it runs in this process
+
     def settings(self, recipe: Recipe) -> dict[str, Any]:
         check_format(recipe.quantization.format, use_gpu=recipe.training.use_gpu)
         # The QAT settings belong to the next stage: changing them must not redo the calibration.

@@ -25,6 +25,9 @@ class RegisterStage(Stage):
     version = 2  # the promotion gate
     depends_on = ("base", "dataset", "synthesize", "train", "quantize", "qat", "export", "evaluate")
 
+    def needs_ray(self, recipe: Recipe) -> bool:
+        return False  # MLflow, and vLLM in child processes for the gate
+
     def settings(self, recipe: Recipe) -> Any:
         evaluation = recipe.evaluation
         gate = None
@@ -56,8 +59,8 @@ class RegisterStage(Stage):
         if recipe.evaluation.gate:
             decision = promotion_gate(name=result["name"], version=result["version"],
                                       draft=from_export(export_dir, base_dir), settings=recipe.evaluation,
-                                      out_dir=out_dir / "gate",
-                                      device=eval_device(recipe))
+                                      out_dir=out_dir / "gate", device=eval_device(recipe),
+                                      vllm=recipe.vllm)
             result.update(alias=decision["alias"], gate={k: decision[k] for k in
                                                          ("promoted", "reason", "champion_version")})
         return result

@@ -19,9 +19,14 @@ def run_recipe(recipe: Recipe, until: str | None = None) -> dict[str, StageResul
     tracking.configure(recipe.tracking, recipe.output_dir)
     for stage in stages:  # e.g. a registry name taken by another algorithm, before hours of training
         stage.preflight(recipe)
-    cluster.connect(recipe.ray)
+    cluster.check_reachable(recipe.ray)  # an unreachable address fails now, not after the first stages
+
+    def connect_if_needed(stage) -> None:  # Ray starts with the first stage that needs it, if any does
+        if stage.needs_ray(recipe):
+            cluster.connect(recipe.ray)
+
     try:
-        return run_pipeline(recipe, stages)
+        return run_pipeline(recipe, stages, before_run=connect_if_needed)
     finally:
         ray.shutdown()
 

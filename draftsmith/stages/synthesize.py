@@ -36,7 +36,7 @@ class SynthesizeStage(Stage):
                            "draftsmith.synthesis.output": str(out_dir)})
         try:
             summary = synthesize_conversations(sources, model_dir, recipe.synthesis, out_dir,
-                                               recipe.data.max_bad_share)
+                                               recipe.data.max_bad_share, vllm=recipe.vllm)
         except SynthesisError:
             tracking.log_artifact(out_dir / MANIFEST)
             tracking.log_artifact(out_dir / QUARANTINE_DIR, artifact_path="quarantine")

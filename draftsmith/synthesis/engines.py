@@ -1,7 +1,9 @@
-"""Engines that answer one round of chat requests as a Ray Data pass: vLLM actors or an OpenAI-compatible endpoint.
+"""Chat engines that answer the requests of one synthesis round: an in-process vLLM engine, or an OpenAI-compatible
+endpoint. Each lives in a Ray Data actor for the whole job (see synthesize.py), so a vLLM engine starts once per
+actor, not once per round.
 
-A request row is {key, messages, max_tokens, seed}; every engine yields result rows
-{key, text, generated_tokens, finish_reason, error} (error is "" on success), one per request, in any order.
+A request is {key, messages, max_tokens, seed}; `answer` returns one result {key, text, generated_tokens,
+finish_reason, error} per request (error is "" on success): a failed request is reported, never raised.
 """
 
 from __future__ import annotations
@@ -12,80 +14,85 @@ import logging
 import os
 import random
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-import ray
-
-from draftsmith.engines.vllm_cpu import cpu_engine_kwargs
-from draftsmith.recipe.schema import SynthesisSettings
+from draftsmith.engines.vllm_args import engine_args, engine_env
+from draftsmith.recipe.schema import SynthesisSettings, VllmSettings
 
 log = logging.getLogger(__name__)
 
 
-class RoundEngine(Protocol):
-    def answer(self, requests: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Answer every request; a failed request yields a row with `error` set instead of raising."""
+class ChatEngine(Protocol):
+    def answer(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Answer every request; a failed request gets a result with `error` set instead of raising."""
+
+    def close(self) -> None:
+        """Free the engine (its processes, its connections)."""
 
 
-class VLLMRoundEngine:
-    """vLLM engines on a Ray Data actor pool through `ray.data.llm` (GPU, or CPU with one-CPU bundles)."""
-
-    def __init__(self, model_dir: Path, settings: SynthesisSettings, max_model_len: int):
-        self.model_dir, self.settings, self.max_model_len = str(model_dir), settings, max_model_len
-
-    def answer(self, requests: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-
-        s = self.settings
-        engine_kwargs: dict[str, Any] = {"max_model_len": self.max_model_len, "enable_prefix_caching": True}
-        if not s.use_gpu:
-            engine_kwargs.update(cpu_engine_kwargs())
-        if s.quantized_base:
-            engine_kwargs["quantization"] = "modelopt"
-        config = vLLMEngineProcessorConfig(
-            model_source=self.model_dir,
-            engine_kwargs=engine_kwargs,
-            concurrency=s.concurrency,
-            batch_size=s.batch_size,
-            accelerator_type=None,
-            # On CPU an engine actor is one CPU bundle; on GPU ray.data.llm's default is one GPU per engine.
-            **({} if s.use_gpu else {"placement_group_config": {"bundles": [{"CPU": 1}]}}),
-            should_continue_on_error=True,  # one bad request is quarantined, not the whole round
-            log_engine_metrics=False,
-        )
-        sampling = {"temperature": s.sampling.temperature, "top_p": s.sampling.top_p}
-        processor = build_processor(
-            config,
-            preprocess=lambda row: {
-                "key": row["key"], "max_tokens": row["max_tokens"], "messages": row["messages"],
-                "sampling_params": {**sampling, "max_tokens": row["max_tokens"], "seed": row["seed"]},
-            },
-            postprocess=lambda row: {
-                "key": row["key"],
-                "text": row.get("generated_text") or "",
-                "generated_tokens": int(row.get("num_generated_tokens") or 0),
-                "finish_reason": "length" if int(row.get("num_generated_tokens") or 0) >= row["max_tokens"]
-                else "stop",
-                "error": str(row.get("__inference_error__") or ""),
-            },
-        )
-        yield from processor(ray.data.from_items(requests)).iter_rows()
+def _failed(key: str, error: str) -> dict[str, Any]:
+    return {"key": key, "text": "", "generated_tokens": 0, "finish_reason": "error", "error": error}
 
 
-class _OpenAIClientPool:
-    """Ray Data actor: an async HTTP client answering a batch concurrently, with retries and backoff."""
+class VLLMChatEngine:
+    """vLLM's offline engine (GPU, or the CPU build), started once and kept for every round of the job."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, max_concurrency: int, max_retries: int,
-                 timeout_s: float, temperature: float, top_p: float):
-        self.base_url, self.timeout_s, self.max_concurrency = base_url.rstrip("/"), timeout_s, max_concurrency
+    def __init__(self, model_dir: Path, settings: SynthesisSettings, max_model_len: int,
+                 vllm: VllmSettings | None = None):
+        from vllm import LLM
+
+        os.environ.update(engine_env(vllm))  # this actor's process is the engine's
+        kwargs = engine_args(vllm, "gpu" if settings.use_gpu else "cpu")
+        if settings.quantized_base:
+            kwargs["quantization"] = "modelopt"
+        self.sampling = settings.sampling
+        self.llm = LLM(model=str(model_dir), max_model_len=max_model_len, enable_prefix_caching=True, seed=0,
+                       **kwargs)
+
+    def _generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from vllm import SamplingParams
+
+        params = [SamplingParams(temperature=self.sampling.temperature, top_p=self.sampling.top_p,
+                                 max_tokens=int(r["max_tokens"]), seed=int(r["seed"])) for r in requests]
+        outputs = self.llm.chat([r["messages"] for r in requests], params, use_tqdm=False)
+        results = []
+        for request, output in zip(requests, outputs, strict=True):
+            completion = output.outputs[0]
+            results.append({"key": request["key"], "text": completion.text,
+                            "generated_tokens": len(completion.token_ids),
+                            "finish_reason": "length" if completion.finish_reason == "length" else "stop",
+                            "error": ""})
+        return results
+
+    def answer(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        try:
+            return self._generate(requests)
+        except (ValueError, RuntimeError, TypeError) as exc:
+            if len(requests) == 1:
+                return [_failed(requests[0]["key"], f"{type(exc).__name__}: {exc}")]
+            # vLLM refuses a whole batch for one bad request: ask one by one, so only that one is quarantined.
+            log.warning("a batch of %d requests failed (%s); answering them one by one", len(requests), exc)
+            return [result for request in requests for result in self.answer([request])]
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
+
+class OpenAIChatEngine:
+    """Any OpenAI-compatible endpoint (vllm serve, trtllm-serve, draftsmith's own Serve app): an async client with
+    a concurrency limit, retrying 429, 5xx and connection errors with jittered exponential backoff."""
+
+    def __init__(self, settings: SynthesisSettings, model: str, api_key: str | None):
+        o = settings.openai
+        self.base_url, self.timeout_s, self.max_concurrency = o.base_url.rstrip("/"), o.timeout_s, o.max_concurrency
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.model, self.max_retries = model, max_retries
-        self.sampling = {"temperature": temperature, "top_p": top_p}
-        self.client = self.limit = None  # made inside Ray Data's event loop, which runs async UDFs
+        self.model, self.max_retries = model, o.max_retries
+        self.sampling = {"temperature": settings.sampling.temperature, "top_p": settings.sampling.top_p}
 
-    async def _one(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _one(self, client, limit: asyncio.Semaphore, request: dict[str, Any]) -> dict[str, Any]:
         import httpx
 
         body = {"model": self.model, "messages": request["messages"], "max_tokens": int(request["max_tokens"]),
@@ -93,8 +100,8 @@ class _OpenAIClientPool:
         error = ""
         for attempt in range(self.max_retries + 1):
             try:
-                async with self.limit:
-                    resp = await self.client.post("/chat/completions", json=body)
+                async with limit:
+                    resp = await client.post("/chat/completions", json=body)
                 if resp.status_code == 200:
                     data = resp.json()
                     choice = data["choices"][0]
@@ -106,22 +113,22 @@ class _OpenAIClientPool:
                     break  # the request itself is wrong: retrying will not help
             except (httpx.HTTPError, KeyError, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
-            await asyncio.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
-        return {"key": request["key"], "text": "", "generated_tokens": 0, "finish_reason": "error",
-                "error": error}
+            if attempt < self.max_retries:
+                await asyncio.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
+        return _failed(request["key"], error)
 
-    async def __call__(self, batch: dict[str, Any]):
+    async def _all(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import httpx
 
-        if self.client is None:
-            self.client = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout_s)
-            self.limit = asyncio.Semaphore(self.max_concurrency)
-        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        for row in rows:  # Arrow hands back numpy arrays of structs; the client wants plain lists
-            row["messages"] = [dict(m) for m in row["messages"]]
-        results = await asyncio.gather(*(self._one(r) for r in rows))
-        if results:
-            yield {key: [r[key] for r in results] for key in results[0]}
+        limit = asyncio.Semaphore(self.max_concurrency)
+        async with httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout_s) as client:
+            return list(await asyncio.gather(*(self._one(client, limit, r) for r in requests)))
+
+    def answer(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return asyncio.run(self._all(requests))
+
+    def close(self) -> None:
+        pass
 
 
 def resolve_openai_model(base_url: str, api_key: str | None, timeout_s: float = 10.0) -> str:
@@ -140,31 +147,28 @@ def resolve_openai_model(base_url: str, api_key: str | None, timeout_s: float = 
     return models[0]["id"]
 
 
-class OpenAIRoundEngine:
-    """Any OpenAI-compatible endpoint (vllm serve, trtllm-serve, draftsmith's own Serve app)."""
+class EngineSpec:
+    """What a Ray Data actor needs to build its engine; made on the driver, so a bad endpoint or a missing model
+    name fails there, before any actor starts."""
 
-    def __init__(self, settings: SynthesisSettings):
-        self.settings = settings
-        self.api_key = os.environ.get(settings.openai.api_key_env)
-        self.model = settings.openai.model or resolve_openai_model(settings.openai.base_url, self.api_key)
+    def __init__(self, settings: SynthesisSettings, model_dir: Path, max_model_len: int,
+                 vllm: VllmSettings | None = None):
+        if settings.engine not in ("vllm", "openai"):
+            raise ValueError(f"unknown synthesis engine {settings.engine!r}; valid: vllm, openai")
+        self.settings, self.model_dir, self.max_model_len = settings, Path(model_dir), max_model_len
+        self.vllm = vllm
+        self.api_key = os.environ.get(settings.openai.api_key_env) if settings.engine == "openai" else None
+        self.openai_model = None
+        if settings.engine == "openai":
+            self.openai_model = settings.openai.model or resolve_openai_model(settings.openai.base_url, self.api_key)
 
-    def answer(self, requests: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        o, s = self.settings.openai, self.settings.sampling
-        ds = ray.data.from_items(requests).map_batches(
-            _OpenAIClientPool,
-            fn_constructor_kwargs=dict(base_url=o.base_url, model=self.model, api_key=self.api_key,
-                                       max_concurrency=o.max_concurrency, max_retries=o.max_retries,
-                                       timeout_s=o.timeout_s, temperature=s.temperature, top_p=s.top_p),
-            batch_size=self.settings.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=self.settings.concurrency),
-            num_cpus=0.25,  # I/O bound: leave the cores to the endpoint when it runs on this machine
-        )
-        yield from ds.iter_rows()
+    def actor_resources(self) -> dict[str, float]:
+        """Ray resources of one engine actor: a GPU, one CPU for a CPU engine, little for an HTTP client."""
+        if self.settings.engine == "openai":
+            return {"num_cpus": 0.25}  # I/O bound: leave the cores to the endpoint when it runs on this machine
+        return {"num_cpus": 1, "num_gpus": 1} if self.settings.use_gpu else {"num_cpus": 1}
 
-
-def make_engine(settings: SynthesisSettings, model_dir: Path, max_model_len: int) -> RoundEngine:
-    if settings.engine == "vllm":
-        return VLLMRoundEngine(model_dir, settings, max_model_len)
-    if settings.engine == "openai":
-        return OpenAIRoundEngine(settings)
-    raise ValueError(f"unknown synthesis engine {settings.engine!r}; valid: vllm, openai")
+    def build(self) -> ChatEngine:
+        if self.settings.engine == "vllm":
+            return VLLMChatEngine(self.model_dir, self.settings, self.max_model_len, self.vllm)
+        return OpenAIChatEngine(self.settings, self.openai_model, self.api_key)

@@ -1,9 +1,10 @@
-"""Regenerate every assistant turn with the base model, turn by turn, in rounds over the whole dataset.
+"""Regenerate every assistant turn with the base model, turn by turn, in rounds over each shard.
 
-Round k answers user turn k of every conversation still going, given the regenerated turns before it, as one
-batched pass through the engines. Conversations are split into shards up front; after each round each shard's
-state is written atomically, so a killed run resumes at the last finished (shard, round) and a finished shard
-is never written twice.
+Conversations are split into shards up front. One Ray Data pass hands the pending shards to an actor pool of
+engines (`synthesis.concurrency` actors, each starting its engine once for the whole job); an actor runs a
+shard's rounds (round k answers user turn k of every conversation of the shard still going, given the
+regenerated turns before it, as one batch) and writes the shard's state atomically after each round, so a killed
+run resumes at the last finished (shard, round) and a finished shard is never written twice.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 from transformers import AutoConfig, AutoTokenizer
 
 from draftsmith.jsonl import read_jsonl, write_jsonl
-from draftsmith.recipe.schema import SynthesisSettings
-from draftsmith.synthesis.engines import RoundEngine, make_engine
+from draftsmith.recipe.schema import SynthesisSettings, VllmSettings
+from draftsmith.synthesis.engines import ChatEngine, EngineSpec
 from draftsmith.synthesis.records import BadRecord, PromptConversation, read_prompt_conversations
 
 log = logging.getLogger(__name__)
@@ -46,15 +47,27 @@ def _seed(conversation_id: str, turn: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{conversation_id}/{turn}".encode()).digest()[:4], "little") >> 1
 
 
-class RoundRunner:
-    """Runs the rounds for the pending shards and writes their state files."""
+def state_file(out_dir: Path, round_index: int, shard: int) -> Path:
+    return out_dir / STATE_DIR / f"round-{round_index:02d}" / f"shard-{shard:05d}.jsonl"
 
-    def __init__(self, out_dir: Path, settings: SynthesisSettings, tokenizer, engine: RoundEngine):
+
+class RoundRunner:
+    """Runs the rounds of shards through one engine and writes their state files."""
+
+    def __init__(self, out_dir: Path, settings: SynthesisSettings, tokenizer, engine: ChatEngine):
         self.out_dir, self.settings, self.tokenizer, self.engine = out_dir, settings, tokenizer, engine
         self.generated_tokens = 0
 
     def state_file(self, round_index: int, shard: int) -> Path:
-        return self.out_dir / STATE_DIR / f"round-{round_index:02d}" / f"shard-{shard:05d}.jsonl"
+        return state_file(self.out_dir, round_index, shard)
+
+    def run_shard(self, shard: int, initial: list[dict], rounds: int) -> None:
+        """Every round of one shard not finished before (an interrupted run left the earlier ones on disk)."""
+        for k in range(rounds):
+            if self.state_file(k, shard).is_file():
+                continue
+            states = read_jsonl(self.state_file(k - 1, shard)) if k > 0 else initial
+            self.run_round(k, {shard: states})
 
     def _prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         return len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -83,12 +96,14 @@ class RoundRunner:
         if not requests:
             return
         log.info("round %d: %d requests from %d shards", k + 1, len(requests), len(states))
-        for result in self.engine.answer(requests):
-            shard, index = map(int, str(result["key"]).split(":"))
-            self._apply(states[shard][index], k, result)
-            waiting[shard] -= 1
-            if waiting[shard] == 0:
-                self._finish_shard(k, shard, states[shard])
+        size = self.settings.batch_size
+        for lo in range(0, len(requests), size):
+            for result in self.engine.answer(requests[lo: lo + size]):
+                shard, index = map(int, str(result["key"]).split(":"))
+                self._apply(states[shard][index], k, result)
+                waiting[shard] -= 1
+                if waiting[shard] == 0:
+                    self._finish_shard(k, shard, states[shard])
         unanswered = {s: n for s, n in waiting.items() if n > 0}
         assert not unanswered, f"the engine dropped requests of shards {unanswered}"
 
@@ -125,9 +140,44 @@ def _quarantine_reason(st: dict) -> str | None:
     return None
 
 
+class ShardSynthesizer:
+    """Ray Data actor: its engine starts once; each row it gets is a pending shard, whose rounds it runs."""
+
+    def __init__(self, spec: EngineSpec, out_dir: str, rounds: int):
+        self.engine = spec.build()
+        self.runner = RoundRunner(Path(out_dir), spec.settings, AutoTokenizer.from_pretrained(spec.model_dir),
+                                  self.engine)
+        self.rounds = rounds
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        generated = []
+        for shard, states in zip(batch["shard"], batch["states"], strict=True):
+            before = self.runner.generated_tokens
+            self.runner.run_shard(int(shard), json.loads(states), self.rounds)
+            generated.append(self.runner.generated_tokens - before)
+        return {"shard": [int(s) for s in batch["shard"]], "generated_tokens": generated}
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+
+def run_shards(spec: EngineSpec, out_dir: Path, shards: dict[int, list[PromptConversation]], rounds: int) -> int:
+    """Every round of `shards` through `synthesis.concurrency` engine actors; returns the tokens generated."""
+    import ray
+
+    rows = [{"shard": i, "states": json.dumps([_initial_state(c) for c in convs])} for i, convs in shards.items()]
+    done = ray.data.from_items(rows).map_batches(
+        ShardSynthesizer, fn_constructor_kwargs={"spec": spec, "out_dir": str(out_dir), "rounds": rounds},
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(spec.settings.concurrency, len(rows))),
+        **spec.actor_resources())
+    return sum(int(row["generated_tokens"]) for row in done.iter_rows())
+
+
 def synthesize_conversations(
     sources: list[tuple[str, str]], model_dir: Path, settings: SynthesisSettings, out_dir: Path,
-    max_bad_share: float, engine: RoundEngine | None = None,
+    max_bad_share: float, vllm: VllmSettings | None = None,
 ) -> dict[str, Any]:
     """Answer every conversation of `sources` with the base in `model_dir`; returns the counts.
 
@@ -152,39 +202,30 @@ def synthesize_conversations(
     log.info("synthesis: %d records read, %d conversations (%d duplicates dropped, %d quarantined), "
              "%d of %d shards to do", read, len(convs), duplicates, len(bad), len(pending), len(shards))
 
-    runner = None
+    generated = None
     if pending:
-        runner = RoundRunner(out_dir, settings, tokenizer,
-                             engine or make_engine(settings, model_dir, max_model_len=limit))
         rounds = max(len(c.user_turns) for i in pending for c in shards[i])
-        for k in range(rounds):
-            states = {}
-            for i in pending:
-                if runner.state_file(k, i).is_file():
-                    continue  # this shard finished round k before an interruption
-                previous = runner.state_file(k - 1, i)
-                states[i] = read_jsonl(previous) if k > 0 else [_initial_state(c) for c in shards[i]]
-            if states:
-                runner.run_round(k, states)
+        spec = EngineSpec(settings, model_dir, max_model_len=limit, vllm=vllm)
+        generated = run_shards(spec, out_dir, {i: shards[i] for i in pending}, rounds)
         for i in pending:
-            last = read_jsonl(runner.state_file(rounds - 1, i))
+            last = read_jsonl(state_file(out_dir, rounds - 1, i))
             write_jsonl(out_dir / QUARANTINE_DIR / f"shard-{i:05d}.jsonl",
-                         (BadRecord(st["source"]["file"], st["source"]["line"], reason,
-                                    json.dumps(st["messages"])).to_json()
-                          for st in last if (reason := _quarantine_reason(st))))
+                        (BadRecord(st["source"]["file"], st["source"]["line"], reason,
+                                   json.dumps(st["messages"])).to_json()
+                         for st in last if (reason := _quarantine_reason(st))))
             write_jsonl(final[i], (_output_record(st) for st in last if _quarantine_reason(st) is None))
-    return _summarise(out_dir, final, read, duplicates, max_bad_share, runner, time.perf_counter() - started)
+    return _summarise(out_dir, final, read, duplicates, max_bad_share, generated, time.perf_counter() - started)
 
 
 def _summarise(out_dir: Path, final: list[Path], read: int, duplicates: int, max_bad_share: float,
-               runner: RoundRunner | None, seconds: float) -> dict[str, Any]:
+               generated: int | None, seconds: float) -> dict[str, Any]:
+    """The counts (generated None: nothing was left to generate) in OUT/manifest.json; fails past max_bad_share."""
     written = sum(1 for path in final for _ in open(path))
     quarantined = sum(1 for path in (out_dir / QUARANTINE_DIR).glob("*.jsonl") for _ in open(path))
-    generated = runner.generated_tokens if runner else 0
     summary = {
         "read": read, "duplicates": duplicates, "written": written, "quarantined": quarantined,
-        "bad_share": quarantined / max(1, read), "generated_tokens": generated,
-        "tokens_per_s": generated / seconds if runner else 0.0, "seconds": seconds,
+        "bad_share": quarantined / max(1, read), "generated_tokens": generated or 0,
+        "tokens_per_s": generated / seconds if generated is not None else 0.0, "seconds": seconds,
         "shards": [str(p) for p in final], "output_dir": str(out_dir / OUTPUT_DIR),
     }
     (out_dir / MANIFEST).write_text(json.dumps(summary, indent=2))

@@ -19,11 +19,10 @@ from ray.data.block import BlockAccessor
 
 from draftsmith.jsonl import write_jsonl
 from draftsmith.synthesis.records import normalize_messages, raw_records, source_files
+from draftsmith.training.layout import TRAIN_DIR, VALIDATION_DIR
 
 log = logging.getLogger(__name__)
 
-TRAIN_DIR = "train"
-VALIDATION_DIR = "validation"
 QUARANTINE_FILE = "quarantine.jsonl"
 TOKEN_COUNTS_FILE = "assistant_token_counts.npy"
 SUMMARY_FILE = "summary.json"
