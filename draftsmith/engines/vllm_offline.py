@@ -1,7 +1,8 @@
 """Chat generation with vLLM's offline engine, run as its own process (vLLM's engine spawns workers).
 
     python -m draftsmith.engines.vllm_offline --model DIR --plan plan.json --out result.json \
-        [--speculative-config '{"method": "eagle3", "model": DRAFT_DIR, "num_speculative_tokens": 3}']
+        [--speculative-config '{"method": "eagle3", "model": DRAFT_DIR, "num_speculative_tokens": 3}'] \
+        [--engine-settings '{"enforce_eager": true, "in_process": true}']   # the recipe's `vllm` section
 
 A plan is a list of generation runs on one engine (one engine start, so runs compare on equal terms). A run
 holds conversations (`messages` to answer, then optional `followups`: later user turns, each asked after the
