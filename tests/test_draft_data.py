@@ -9,7 +9,8 @@ import pytest
 from transformers import AutoConfig
 
 from draftsmith.jsonl import read_jsonl
-from draftsmith.training.draft_data import DraftDataError, prepare_training_data, read_split, token_counts
+from draftsmith.training.draft_data import DraftDataError, prepare_training_data, token_counts
+from draftsmith.training.layout import read_split
 
 
 def _conversation(i: int) -> dict:
@@ -39,7 +40,7 @@ def test_tokenizes_splits_and_quarantines(tiny_base, local_ray, tmp_path):
     reasons = " | ".join(q["reason"] for q in quarantine)
     assert "invalid JSON" in reasons and "no assistant turn" in reasons and "unknown role 'wizard'" in reasons
 
-    rows = read_split(tmp_path / "out", "train").take_all()
+    rows = read_split(tmp_path / "out", "train").to_pylist()
     row = rows[0]
     assert len(row["input_ids"]) == len(row["target_mask"]) == row["num_tokens"]
     assert 0 < sum(row["target_mask"]) < row["num_tokens"]  # only the assistant turn is a target
@@ -50,7 +51,7 @@ def test_tokenizes_splits_and_quarantines(tiny_base, local_ray, tmp_path):
 
     # A re-run into the same folder (a stage killed after writing) replaces the splits instead of adding to them.
     again, _ = _prepare(tiny_base, tmp_path, [*good[:20], *bad, *good[20:]])
-    assert read_split(tmp_path / "out", "train").count() == again["train"] == summary["train"]
+    assert read_split(tmp_path / "out", "train").num_rows == again["train"] == summary["train"]
 
 
 def test_dataset_without_assistant_tokens_fails_clearly(tiny_base, local_ray, tmp_path):

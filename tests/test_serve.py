@@ -86,23 +86,23 @@ def stream_text(c: httpx.Client, path: str, body: dict) -> tuple[str, list[dict]
 
 
 def test_answers_equal_vllms_own_greedy_output(endpoint, flow):
-    """Chat and completion, streamed and not, give what vLLM gives for the base alone (speculation is lossless)."""
-    from draftsmith.engines.vllm_offline import run_vllm_chat
+    """Chat and completion, streamed and not, give what vLLM gave for the base alone in the export's round trip
+    (speculation is lossless)."""
     from draftsmith.evaluation.evaluate import from_export
-    from draftsmith.recipe.schema import VllmSettings
 
     url = endpoint[0]
-    draft = from_export(flow[1]["export"].outputs["export_dir"])
-    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    expected = [o["text"] for o in run_vllm_chat(draft.base_dir, conversations, max_tokens=24,
-                                                 vllm=VllmSettings(enforce_eager=True))["outputs"]]
+    recipe, results = flow
+    samples = results["export"].outputs["verification"]["samples"]
+    assert len(samples) == recipe.export.verify_prompts and all(s["text"] for s in samples)
+    max_tokens = recipe.export.verify_max_tokens
     c = client(url)
-    for question, want in zip(QUESTIONS, expected, strict=True):
-        answer = c.post("/v1/chat/completions", json=chat_body(question))
+    for sample in samples:
+        body = {**chat_body(""), "messages": sample["messages"], "max_tokens": max_tokens}
+        answer = c.post("/v1/chat/completions", json=body)
         assert answer.status_code == 200, answer.text
-        assert answer.json()["choices"][0]["message"]["content"] == want
-        streamed, events = stream_text(c, "/v1/chat/completions", chat_body(question))
-        assert streamed == want
+        assert answer.json()["choices"][0]["message"]["content"] == sample["text"]
+        streamed, events = stream_text(c, "/v1/chat/completions", body)
+        assert streamed == sample["text"]
         assert not any(e.get("usage") for e in events)  # usage only when the client asks for it
     _, events = stream_text(c, "/v1/chat/completions",
                             chat_body(QUESTIONS[0], stream_options={"include_usage": True}))
@@ -110,14 +110,15 @@ def test_answers_equal_vllms_own_greedy_output(endpoint, flow):
     # completions: the same prompt the chat template makes, sent raw
     from transformers import AutoTokenizer
 
+    draft = from_export(results["export"].outputs["export_dir"])
     prompt = AutoTokenizer.from_pretrained(draft.base_dir).apply_chat_template(
-        conversations[0], add_generation_prompt=True, tokenize=False)
-    done = c.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0})
+        samples[0]["messages"], add_generation_prompt=True, tokenize=False)
+    raw = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    done = c.post("/v1/completions", json=raw)
     assert done.status_code == 200, done.text
-    assert done.json()["choices"][0]["text"] == expected[0]
-    streamed, _ = stream_text(c, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 24,
-                                                      "temperature": 0})
-    assert streamed == expected[0]
+    assert done.json()["choices"][0]["text"] == samples[0]["text"]
+    streamed, _ = stream_text(c, "/v1/completions", raw)
+    assert streamed == samples[0]["text"]
 
 
 def test_openai_client_works_unchanged(endpoint):
@@ -287,7 +288,9 @@ def test_redeploy_moves_the_endpoint_to_a_new_champion_without_failed_requests(e
     try:
         traffic = Traffic(url, KEY)
         traffic.start()
-        result = deploy(head.dashboard, config, tracking_uri, f"model_ref=models:/{MODEL}@champion", "replicas=2",
+        # One replica replaces the two: a rollover all the same (every replica's arguments change), for one
+        # engine start instead of two.
+        result = deploy(head.dashboard, config, tracking_uri, f"model_ref=models:/{MODEL}@champion", "replicas=1",
                         "api_key_file=null", f"max_prompt_tokens={MAX_PROMPT_TOKENS}",
                         f"max_body_bytes={MAX_BODY}", f"download_dir={work / 'models'}")
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

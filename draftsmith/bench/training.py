@@ -22,7 +22,8 @@ from draftsmith.recipe.schema import Recipe
 from draftsmith.stages.convert import draft_meta
 from draftsmith.base_model import model_fingerprint
 from draftsmith.training.batching import collate, plan_micro_batches
-from draftsmith.training.draft_data import prepare_training_data, read_split
+from draftsmith.training.draft_data import prepare_training_data
+from draftsmith.training.layout import read_split
 from draftsmith.training.train_draft import train_draft
 
 _BENCH_SEED = 4242  # conversations unlike the base's training set
@@ -39,7 +40,7 @@ def _plain_loop_tokens_per_s(init: Path, base_dir: Path, data_dir: Path, recipe:
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
                                   betas=settings.betas)
-    rows = {r["source"]: r for r in read_split(data_dir, "train").take_all()}
+    rows = {r["source"]: r for r in read_split(data_dir, "train").to_pylist()}
     plan = plan_micro_batches(list(rows), [r["num_tokens"] for r in rows.values()],
                               micro_batch_size=settings.micro_batch_size, world_size=1, seed=settings.seed)[0]
     pad_id = AutoTokenizer.from_pretrained(str(base_dir)).pad_token_id

@@ -1,15 +1,17 @@
 """Chat generation with vLLM's offline engine, run as its own process (vLLM's engine spawns workers).
 
-    python -m draftsmith.engines.vllm_offline --model DIR --plan plan.json --out result.json \
-        [--speculative-config '{"method": "eagle3", "model": DRAFT_DIR, "num_speculative_tokens": 3}'] \
+    python -m draftsmith.engines.vllm_offline --engines engines.json --out result.json \
         [--engine-settings '{"enforce_eager": true, "in_process": true}']   # the recipe's `vllm` section
 
-A plan is a list of generation runs on one engine (one engine start, so runs compare on equal terms). A run
-holds conversations (`messages` to answer, then optional `followups`: later user turns, each asked after the
-model's own previous answer, as in MT-bench), a temperature, `max_tokens` and a `concurrency` (requests in
-flight at once). Per run the result holds each conversation's generated turns (token ids, text), wall time,
-output tokens/s, per-request time to first token and time per output token, and, with a speculative config,
-vLLM's speculative-decoding counters over that run alone.
+`engines.json` lists engines, started one after another in this one process (each shut down before the next
+starts, so runs compare on equal terms, and a job pays vLLM's import once, not once per engine): each names its
+`model`, an optional `speculative_config` (e.g. {"method": "eagle3", "model": DRAFT_DIR,
+"num_speculative_tokens": 3}), `max_model_len` and a plan of generation runs on that engine. A run holds
+conversations (`messages` to answer, then optional `followups`: later user turns, each asked after the model's
+own previous answer, as in MT-bench), a temperature, `max_tokens` and a `concurrency` (requests in flight at
+once). Per run the result holds each conversation's generated turns (token ids, text), wall time, output
+tokens/s, per-request time to first token and time per output token, and, with a speculative config, vLLM's
+speculative-decoding counters over that run alone.
 """
 
 from __future__ import annotations
@@ -30,23 +32,27 @@ from draftsmith.engines.vllm_metrics import spec_decode_counters, spec_decode_de
 from draftsmith.recipe.schema import VllmSettings
 
 
-def run_vllm_plan(model: str | Path, runs: list[dict[str, Any]], speculative_config: dict[str, Any] | None = None,
-                  device: str = "cpu", dtype: str | None = None, max_model_len: int = 1024,
-                  timeout_s: float = 1800.0, vllm: VllmSettings | None = None) -> list[dict[str, Any]]:
-    """Run the plan in a child process and return one result per run (raises with vLLM's log on failure)."""
+def engine_plan(model: str | Path, runs: list[dict[str, Any]], speculative_config: dict[str, Any] | None = None,
+                max_model_len: int = 1024) -> dict[str, Any]:
+    """One engine of `run_vllm_engines`: the base, its speculation (None: none) and the runs it generates."""
+    return {"model": str(model), "speculative_config": speculative_config, "max_model_len": max_model_len,
+            "runs": runs}
+
+
+def run_vllm_engines(engines: list[dict[str, Any]], device: str = "cpu", dtype: str | None = None,
+                     timeout_s: float = 1800.0, vllm: VllmSettings | None = None) -> list[list[dict[str, Any]]]:
+    """Start each engine (`engine_plan`) in turn in one child process (`timeout_s` for each); per engine, one
+    result per run (raises with vLLM's log on failure)."""
     with tempfile.TemporaryDirectory(prefix="draftsmith-vllm-") as tmp:
-        plan, out = Path(tmp) / "plan.json", Path(tmp) / "result.json"
-        plan.write_text(json.dumps(runs))
-        cmd = [sys.executable, "-m", "draftsmith.engines.vllm_offline", "--model", str(model), "--plan", str(plan),
-               "--out", str(out), "--device", device, "--max-model-len", str(max_model_len),
-               "--engine-settings", (vllm or VllmSettings()).model_dump_json()]
+        plan, out = Path(tmp) / "engines.json", Path(tmp) / "result.json"
+        plan.write_text(json.dumps(engines))
+        cmd = [sys.executable, "-m", "draftsmith.engines.vllm_offline", "--engines", str(plan), "--out", str(out),
+               "--device", device, "--engine-settings", (vllm or VllmSettings()).model_dump_json()]
         if dtype is not None:
             cmd += ["--dtype", dtype]
-        if speculative_config is not None:
-            cmd += ["--speculative-config", json.dumps(speculative_config)]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                **engine_env(vllm)}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s * len(engines), env=env)
         if proc.returncode != 0 or not out.is_file():
             # vLLM's own message can be buried under a long list (e.g. every supported architecture): lead with
             # the lines that name an error, each cut short, then the tail.
@@ -56,17 +62,33 @@ def run_vllm_plan(model: str | Path, runs: list[dict[str, Any]], speculative_con
         return json.loads(out.read_text())
 
 
+def run_vllm_plan(model: str | Path, runs: list[dict[str, Any]], speculative_config: dict[str, Any] | None = None,
+                  device: str = "cpu", dtype: str | None = None, max_model_len: int = 1024,
+                  timeout_s: float = 1800.0, vllm: VllmSettings | None = None) -> list[dict[str, Any]]:
+    """The runs on one engine: one result per run."""
+    return run_vllm_engines([engine_plan(model, runs, speculative_config, max_model_len)], device=device,
+                            dtype=dtype, timeout_s=timeout_s, vllm=vllm)[0]
+
+
+def chat_run(conversations: list[list[dict[str, str]]], max_tokens: int) -> dict[str, Any]:
+    """Greedy answers to `conversations` (message lists), all in flight at once."""
+    return {"name": "chat", "conversations": [{"messages": c} for c in conversations], "temperature": 0.0,
+            "max_tokens": max_tokens, "concurrency": max(1, len(conversations))}
+
+
+def with_outputs(result: dict[str, Any]) -> dict[str, Any]:
+    """A chat run's result with `outputs`: each conversation's one answer."""
+    result["outputs"] = [c["turns"][0] for c in result["conversations"]]
+    return result
+
+
 def run_vllm_chat(model: str | Path, conversations: list[list[dict[str, str]]], max_tokens: int,
                   timeout_s: float = 900.0, dtype: str | None = None,
                   speculative_config: dict[str, Any] | None = None, device: str = "cpu",
                   vllm: VllmSettings | None = None) -> dict[str, Any]:
     """Greedy answers to `conversations` (message lists), all in flight at once; one result with `outputs`."""
-    run = {"name": "chat", "conversations": [{"messages": c} for c in conversations], "temperature": 0.0,
-           "max_tokens": max_tokens, "concurrency": max(1, len(conversations))}
-    result = run_vllm_plan(model, [run], speculative_config, device=device, dtype=dtype, timeout_s=timeout_s,
-                           vllm=vllm)[0]
-    result["outputs"] = [c["turns"][0] for c in result["conversations"]]
-    return result
+    return with_outputs(run_vllm_plan(model, [chat_run(conversations, max_tokens)], speculative_config,
+                                      device=device, dtype=dtype, timeout_s=timeout_s, vllm=vllm)[0])
 
 
 # --------------------------------------------------------------------------------------- the child process
@@ -141,34 +163,37 @@ def _generate_run(llm, run: dict[str, Any], speculative: bool, max_model_len: in
             "spec_decode": spec_decode_delta(before, _counters(llm)) if speculative else None}
 
 
-def _generate(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _generate(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
+    import gc
+
     from vllm import LLM
 
     from draftsmith.engines.vllm_args import engine_args
 
-    runs = json.loads(Path(args.plan).read_text())
     kwargs = engine_args(VllmSettings.model_validate_json(args.engine_settings), args.device)
     if args.dtype:
         kwargs["dtype"] = args.dtype
-    if args.speculative_config:
-        kwargs["speculative_config"] = json.loads(args.speculative_config)
-    llm = LLM(model=args.model, max_model_len=args.max_model_len, seed=0, enable_prefix_caching=False,
-              disable_log_stats=False, **kwargs)
-    try:
-        return [_generate_run(llm, run, bool(args.speculative_config), args.max_model_len) for run in runs]
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+    results = []
+    for engine in json.loads(Path(args.engines).read_text()):
+        speculative = engine.get("speculative_config")
+        llm = LLM(model=engine["model"], max_model_len=engine["max_model_len"], seed=0, enable_prefix_caching=False,
+                  disable_log_stats=False, **({"speculative_config": speculative} if speculative else {}), **kwargs)
+        try:
+            results.append([_generate_run(llm, run, bool(speculative), engine["max_model_len"])
+                            for run in engine["runs"]])
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()  # the next engine's KV cache takes this one's memory
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--plan", required=True, help="JSON list of runs (see the module docstring)")
+    parser.add_argument("--engines", required=True, help="JSON list of engines and their runs (see above)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, the model's dtype on GPUs")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--speculative-config", default=None, help="vLLM speculative_config as JSON")
     parser.add_argument("--engine-settings", default="{}", help="the recipe's `vllm` section as JSON")
     args = parser.parse_args()
     Path(args.out).write_text(json.dumps(_generate(args)))

@@ -16,26 +16,37 @@ from typing import Any
 
 from draftsmith import tracking
 from draftsmith.evaluation.evaluate import DraftUnderTest, from_registry, load_sets
-from draftsmith.evaluation.measure import BASE, DRAFT, plan_runs, run_configurations, summarize
+from draftsmith.evaluation.measure import BASE, DRAFT, plan_runs, run_engines, summarize
 from draftsmith.recipe.schema import EvaluationSettings, VllmSettings
 from draftsmith.registry.register import set_alias, tag_version
 
 log = logging.getLogger(__name__)
 
 GATE_FILE = "gate.json"
+CHAMPION = "champion"
 
 
-def _gate_numbers(draft: DraftUnderTest, runs: list[dict[str, Any]], settings: EvaluationSettings,
-                  device: str, with_base: bool, vllm: VllmSettings | None) -> dict[str, Any]:
-    configs = {**({BASE: None} if with_base else {}),
-               DRAFT: draft.speculative_config(settings.num_speculative_tokens, device)}
-    row = summarize(run_configurations(draft.base_dir, configs, runs, device, vllm), runs,
-                    settings.num_speculative_tokens)[0]
+def _gate_numbers(row: dict[str, Any]) -> dict[str, Any]:
     return {"acceptance_length": row[DRAFT]["acceptance_length"] or 1.0,  # None: no step drafted
             "acceptance_rate_per_position": row[DRAFT]["acceptance_rate_per_position"],
             "output_tokens_per_s": row[DRAFT]["output_tokens_per_s"],
             "greedy_identical": row[DRAFT].get("greedy_identical"),
             "greedy_mismatched": row[DRAFT].get("greedy_mismatched")}
+
+
+def _measure(new: DraftUnderTest, champion: DraftUnderTest | None, runs: list[dict[str, Any]],
+             settings: EvaluationSettings, device: str, vllm: VllmSettings | None
+             ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Gate numbers of the new version (its draft and its base alone) and the champion's draft, all in one
+    vLLM process."""
+    k = settings.num_speculative_tokens
+    engines = {BASE: (new.base_dir, None), DRAFT: (new.base_dir, new.speculative_config(k, device))}
+    if champion is not None:
+        engines[CHAMPION] = (champion.base_dir, champion.speculative_config(k, device))
+    results = run_engines(engines, runs, device, vllm)
+    new_row = summarize({BASE: results[BASE], DRAFT: results[DRAFT]}, runs, k)[0]
+    champion_row = summarize({DRAFT: results[CHAMPION]}, runs, k)[0] if champion is not None else None
+    return _gate_numbers(new_row), (_gate_numbers(champion_row) if champion_row is not None else None)
 
 
 def decide(new: dict[str, Any], champion: dict[str, Any] | None, champion_version: str | None, margin: float
@@ -62,11 +73,9 @@ def promotion_gate(*, name: str, version: str, draft: DraftUnderTest, settings: 
     runs = plan_runs(sets, [0.0], settings)
     incumbent = tracking.version_by_alias(name, "champion")
     champion_version = None if incumbent is None or str(incumbent.version) == version else str(incumbent.version)
-    new = _gate_numbers(draft, runs, settings, device, with_base=True, vllm=vllm)
-    champion = None
-    if champion_version is not None:
-        champion = _gate_numbers(from_registry(f"models:/{name}/{champion_version}", out_dir / "champion"), runs,
-                                 settings, device, with_base=False, vllm=vllm)
+    incumbent_draft = None if champion_version is None else from_registry(f"models:/{name}/{champion_version}",
+                                                                         out_dir / "champion")
+    new, champion = _measure(draft, incumbent_draft, runs, settings, device, vllm)
     if incumbent is not None and champion_version is None:
         promote, reason = True, "already the champion"  # a re-run of the register stage
     else:

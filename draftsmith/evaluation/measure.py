@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from draftsmith.engines.vllm_offline import run_vllm_plan
+from draftsmith.engines.vllm_offline import engine_plan, run_vllm_engines
 from draftsmith.evaluation.prompt_sets import LoadedPromptSet
 from draftsmith.recipe.schema import EvaluationSettings, VllmSettings
 
@@ -46,17 +46,23 @@ def context_length(base_dir: Path, cap: int = 16384) -> int:
     return min(int(config.get("max_position_embeddings") or cap), cap)
 
 
+def run_engines(engines: dict[str, tuple[Path, dict[str, Any] | None]], runs: list[dict[str, Any]],
+                device: str = "cpu", vllm: VllmSettings | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """{engine: {run name: vLLM result}} for engines named {name: (base folder, speculative config or None)},
+    one after another in one vLLM process."""
+    log.info("evaluation: %s on %d runs (%s)", ", ".join(engines), len(runs), ", ".join(r["name"] for r in runs))
+    plans = [engine_plan(base_dir, runs, speculative, context_length(base_dir))
+             for base_dir, speculative in engines.values()]
+    outputs = run_vllm_engines(plans, device=device, vllm=vllm)
+    return {name: {r["name"]: out for r, out in zip(runs, by_run, strict=True)}
+            for name, by_run in zip(engines, outputs, strict=True)}
+
+
 def run_configurations(base_dir: Path, configs: dict[str, dict[str, Any] | None], runs: list[dict[str, Any]],
                        device: str = "cpu", vllm: VllmSettings | None = None
                        ) -> dict[str, dict[str, dict[str, Any]]]:
     """{configuration: {run name: vLLM result}}; a None config is the base without speculation."""
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    for name, speculative in configs.items():
-        log.info("evaluation: %s on %d runs (%s)", name, len(runs), ", ".join(r["name"] for r in runs))
-        outputs = run_vllm_plan(base_dir, runs, speculative, device=device, max_model_len=context_length(base_dir),
-                                vllm=vllm)
-        results[name] = {r["name"]: out for r, out in zip(runs, outputs, strict=True)}
-    return results
+    return run_engines({name: (base_dir, speculative) for name, speculative in configs.items()}, runs, device, vllm)
 
 
 def _token_ids(result: dict[str, Any]) -> list[list[list[int]]]:

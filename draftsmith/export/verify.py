@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from draftsmith.engines.vllm_offline import run_vllm_chat
+from draftsmith.engines.vllm_offline import chat_run, engine_plan, run_vllm_engines, with_outputs
 from draftsmith.export.engine_configs import vllm_runtime_config
 from draftsmith.recipe.schema import VllmSettings
 
@@ -36,10 +36,12 @@ def first_user_turns(conversation_files: list[str], count: int) -> list[list[dic
 
 def greedy_round_trip(base_dir: Path, speculative_config: dict[str, Any], prompts: list[list[dict[str, str]]],
                       max_tokens: int, device: str = "cpu", vllm: VllmSettings | None = None) -> dict[str, Any]:
-    """Run the base with and without the draft in vLLM; return the comparison and vLLM's acceptance counters."""
-    plain = run_vllm_chat(base_dir, prompts, max_tokens, device=device, vllm=vllm)
-    drafted = run_vllm_chat(base_dir, prompts, max_tokens, speculative_config=vllm_runtime_config(speculative_config),
-                            device=device, vllm=vllm)
+    """Run the base with and without the draft in vLLM (one process, one engine after the other); return the
+    comparison and vLLM's acceptance counters."""
+    runs = [chat_run(prompts, max_tokens)]
+    (plain,), (drafted,) = run_vllm_engines([engine_plan(base_dir, runs), engine_plan(
+        base_dir, runs, vllm_runtime_config(speculative_config))], device=device, vllm=vllm, timeout_s=900.0)
+    plain, drafted = with_outputs(plain), with_outputs(drafted)
     mismatches = [i for i, (a, b) in enumerate(zip(plain["outputs"], drafted["outputs"], strict=True))
                   if a["token_ids"] != b["token_ids"]]
     counters = drafted["spec_decode"] or {}
@@ -47,7 +49,10 @@ def greedy_round_trip(base_dir: Path, speculative_config: dict[str, Any], prompt
               "output_tokens": drafted["output_tokens"], "acceptance_length": counters.get("acceptance_length"),
               "num_drafts": counters.get("num_drafts", 0), "num_accepted_tokens": counters.get("num_accepted_tokens", 0),
               "accepted_per_position": counters.get("num_accepted_tokens_per_pos"),
-              "tokens_per_s": {"base": plain["output_tokens_per_s"], "with_draft": drafted["output_tokens_per_s"]}}
+              "tokens_per_s": {"base": plain["output_tokens_per_s"], "with_draft": drafted["output_tokens_per_s"]},
+              # what the base answered, greedy: a reference any engine serving this export must reproduce
+              "samples": [{"messages": prompt, "text": out["text"]}
+                          for prompt, out in zip(prompts, plain["outputs"], strict=True)]}
     log.info("vLLM round trip: %d prompts, identical=%s, acceptance length %s", len(prompts), result["identical"],
              result["acceptance_length"])
     return result

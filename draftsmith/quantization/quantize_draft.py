@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import pyarrow.dataset as pads
 import torch
 from transformers import AutoTokenizer
 
@@ -27,7 +26,7 @@ from draftsmith.draft.objective import draft_forward
 from draftsmith.quantization.formats import enabled_quantizers, modelopt_config
 from draftsmith.recipe.schema import QuantizationSettings
 from draftsmith.training.batching import collate
-from draftsmith.training.layout import TRAIN_DIR, VALIDATION_DIR
+from draftsmith.training.layout import read_split
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +40,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def sample_batches(data_dir: Path, split: str, count: int, micro_batch_size: int, pad_id: int
                    ) -> list[dict[str, torch.Tensor]]:
     """The first `count` conversations of a split (files in name order: deterministic), in length-sorted batches."""
-    folder = Path(data_dir) / (TRAIN_DIR if split == "train" else VALIDATION_DIR)
-    files = sorted(str(p) for p in folder.glob("*.parquet"))
-    table = pads.dataset(files, format="parquet").head(count, columns=["input_ids", "target_mask", "num_tokens"])
+    table = read_split(data_dir, split, ["input_ids", "target_mask", "num_tokens"], limit=count)
     rows = sorted(table.to_pylist(), key=lambda r: r["num_tokens"])
     return [collate(rows[i:i + micro_batch_size], pad_id) for i in range(0, len(rows), micro_batch_size)]
 

@@ -71,18 +71,13 @@ def run_torch_trainer(
     storage_path: str | Path,
     num_workers: int,
     use_gpu: bool = False,
-    datasets: dict[str, ray.data.Dataset] | None = None,
     max_failures: int = 0,
     keep_checkpoints: int | None = None,
-    split_datasets: bool = True,
 ) -> ray.train.Result:
     """Run `loop` on `num_workers` Ray Train workers (gloo on CPU, NCCL on GPUs) and return the result.
 
-    `split_datasets=False` hands every worker the whole of each dataset (it picks its own rows). A run with the
-    same name and storage as an interrupted one continues from its latest committed checkpoint.
+    A run with the same name and storage as an interrupted one continues from its latest committed checkpoint.
     """
-    from ray.train import DataConfig
-
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -94,8 +89,6 @@ def run_torch_trainer(
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
         ),
-        datasets=datasets,
-        dataset_config=DataConfig() if split_datasets else DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()
     if result.error:

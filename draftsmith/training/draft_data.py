@@ -157,10 +157,5 @@ def prepare_training_data(sources: list[str], base_dir: str | Path, out_dir: Pat
     return summary
 
 
-def read_split(data_dir: str | Path, split: str) -> ray.data.Dataset:
-    return ray.data.read_parquet(str(Path(data_dir) / (TRAIN_DIR if split == "train" else VALIDATION_DIR)),
-                                 columns=["source", "input_ids", "target_mask", "num_tokens"])
-
-
 def token_counts(data_dir: str | Path) -> np.ndarray:
     return np.load(Path(data_dir) / TOKEN_COUNTS_FILE, allow_pickle=False)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 import torch.distributed as dist
@@ -20,6 +21,7 @@ from draftsmith.draft.checkpoint import LoadedDraft, load_draft, write_checkpoin
 from draftsmith.draft.objective import draft_forward
 from draftsmith.training.batching import collate, micro_batch_sequence
 from draftsmith.training.distributed import lr_lambda, rank0_mlflow, set_worker_threads
+from draftsmith.training.layout import read_split
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +30,15 @@ DEEPSPEED_DIR = "deepspeed"
 DRAFT_DIR = "draft"
 
 
-def _own_rows(name: str, wanted: set[str]) -> dict[str, dict]:
-    """This worker's conversations, picked from the (unsplit) Ray Data stream by their `file:line` key (unique
-    even when two datasets reuse conversation ids)."""
-    rows: dict[str, dict] = {}
-    for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=512, batch_format="numpy"):
-        for cid, ids, mask in zip(batch["source"], batch["input_ids"], batch["target_mask"], strict=True):
-            if cid in wanted:
-                rows[str(cid)] = {"input_ids": ids, "target_mask": mask}
+def _own_rows(data_dir: str, split: str, wanted: set[str]) -> dict[str, dict]:
+    """This worker's conversations, read by their `file:line` key (unique even when two datasets reuse
+    conversation ids) from the split's files."""
+    table = read_split(data_dir, split, ["source", "input_ids", "target_mask"], sources=wanted)
+    rows = {source: {"input_ids": np.asarray(ids, dtype=np.int64), "target_mask": np.asarray(mask, dtype=np.int64)}
+            for source, ids, mask in zip(table["source"].to_pylist(), table["input_ids"].to_pylist(),
+                                         table["target_mask"].to_pylist(), strict=True)}
     missing = wanted - rows.keys()
-    assert not missing, f"{len(missing)} planned conversations are missing from dataset {name}"
+    assert not missing, f"{len(missing)} planned conversations are missing from the {split} split"
     return rows
 
 
@@ -170,8 +171,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
     base_checksum = _base_checksum(engine.module, loaded.base_keys)
     plan, val_plan = config["plan"][rank], config["validation_plan"][rank]
-    rows = _own_rows("train", {c for batch in plan for c in batch})
-    val_rows = _own_rows("validation", {c for batch in val_plan for c in batch})
+    rows = _own_rows(config["data_dir"], "train", {c for batch in plan for c in batch})
+    val_rows = _own_rows(config["data_dir"], "validation", {c for batch in val_plan for c in batch})
     device = engine.device
 
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

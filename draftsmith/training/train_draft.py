@@ -20,8 +20,9 @@ from draftsmith.plots import line_plot
 from draftsmith.recipe.schema import TrainingSettings
 from draftsmith.training.batching import plan_micro_batches
 from draftsmith.training.distributed import deepspeed_config, run_torch_trainer
-from draftsmith.training.draft_data import DraftDataError, read_split
+from draftsmith.training.draft_data import DraftDataError
 from draftsmith.training.draft_worker import DRAFT_DIR, PROGRESS_FILE, train_worker
+from draftsmith.training.layout import read_split
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def num_accuracies(meta: dict[str, Any]) -> int:
 
 
 def _plan(data_dir: Path, split: str, settings: TrainingSettings, *, shuffle: bool) -> list[list[list[str]]]:
-    table = read_split(data_dir, split).select_columns(["source", "num_tokens"]).to_pandas()
+    table = read_split(data_dir, split, ["source", "num_tokens"]).to_pandas()
     world = settings.num_workers
     micro = settings.micro_batch_size if shuffle else max(1, min(settings.micro_batch_size, len(table) // world))
     plan = plan_micro_batches(table["source"].tolist(), table["num_tokens"].tolist(),
@@ -109,6 +110,7 @@ def train_draft(*, init_checkpoint: Path, base_dir: Path, data_dir: Path, settin
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loop_config = {
         "init_checkpoint": str(Path(init_checkpoint).resolve()), "base_dir": str(Path(base_dir).resolve()),
+        "data_dir": str(Path(data_dir).resolve()),
         "plan": plan, "validation_plan": validation_plan, "pad_id": pad_id,
         "num_accuracies": num_accuracies(meta),
         "deepspeed": deepspeed_config(zero_stage=settings.zero_stage, precision=settings.precision,
@@ -128,8 +130,7 @@ def train_draft(*, init_checkpoint: Path, base_dir: Path, data_dir: Path, settin
     result = run_torch_trainer(
         train_worker, loop_config, name=RUN_NAME, storage_path=out_dir / RAY_TRAIN_DIR,
         num_workers=settings.num_workers, use_gpu=settings.use_gpu,
-        datasets={"train": read_split(data_dir, "train"), "validation": read_split(data_dir, "validation")},
-        split_datasets=False, max_failures=settings.max_failures, keep_checkpoints=settings.keep_checkpoints,
+        max_failures=settings.max_failures, keep_checkpoints=settings.keep_checkpoints,
     )
     with result.checkpoint.as_directory() as directory:
         final = json.loads((Path(directory) / PROGRESS_FILE).read_text())
