@@ -31,7 +31,8 @@ def registered(flow, mlflow_server):
     """(tracking URI, the champion's version) of the flow's registered draft."""
     from mlflow import MlflowClient
 
-    version = MlflowClient(mlflow_server).get_model_version_by_alias(MODEL, "champion").version
+    # Both URIs named: tests before these set the process-wide registry URI to their own stores.
+    version = MlflowClient(mlflow_server, registry_uri=mlflow_server).get_model_version_by_alias(MODEL, "champion").version
     return mlflow_server, str(version)
 
 
@@ -276,7 +277,7 @@ def test_redeploy_moves_the_endpoint_to_a_new_champion_without_failed_requests(e
 
     url, head, config, work = endpoint
     tracking_uri, old_version = registered
-    registry = MlflowClient(tracking_uri)
+    registry = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     old = registry.get_model_version(MODEL, old_version)
     # A logged-model source needs its model id beside it (the MLflow server checks that they match).
     logged_model = old.model_id or old.source.removeprefix("models:/")

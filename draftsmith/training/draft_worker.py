@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -141,6 +142,9 @@ def _report_checkpoint(engine, loaded: LoadedDraft, progress: dict, metrics: dic
 
 
 def train_worker(config: dict[str, Any]) -> None:
+    # ModelOpt imports its vLLM plugin, and with it all of vLLM (about 4 s of a core), wherever vLLM is installed;
+    # a training worker never runs vLLM, so the import fails fast here and ModelOpt skips the plugin.
+    sys.modules.setdefault("vllm", None)
     import deepspeed
 
     ctx = ray.train.get_context()
