@@ -58,12 +58,14 @@ FLOW = [*SHORT_TRAINING, "training.steps=80", "training.eval_every=40", "trainin
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests need a CUDA device: skipped, not failed, without one (`make gpu-check` runs them on one).
 
-    The tests on the session's head node (`head_node`: job submission, then Serve) run last and together: the head
-    node and its engine replicas would otherwise take CPU from every test after them (and the registry tests see
-    the flow's one registered version before Serve's rollover test adds another)."""
+    The tests on the session's head node (`head_node`: job submission, then Serve) run next to each other, where
+    the last of them stood, so the head node idles beside no other test (and the registry tests before Serve's
+    see the flow's registered model before Serve's rollover test adds a version)."""
     on_head = [item for item in items if "head_node" in getattr(item, "fixturenames", ())]
     if on_head:
-        items[:] = [item for item in items if item not in on_head] + on_head
+        at = sum(1 for item in items[: items.index(on_head[-1])] if item not in on_head)
+        rest = [item for item in items if item not in on_head]
+        items[:] = rest[:at] + on_head + rest[at:]
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
