@@ -99,9 +99,10 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) 
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment for a child process as a user would have it: no tracking URI leaked by
-    `mlflow.set_tracking_uri` calls in this test process (MLflow exports it to the environment)."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    """The environment for a child process as a user would have it: no tracking or registry URI leaked by
+    `mlflow.set_tracking_uri` / `set_registry_uri` calls in this test process (MLflow exports both to the
+    environment: a leaked registry URI sent `jobs.deploy` to another test's registry)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     env.update(extra)
     return env
 
