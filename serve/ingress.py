@@ -6,7 +6,6 @@ unauthenticated or oversized request is refused before its body is parsed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -23,6 +22,7 @@ from draftsmith.serving.auth import load_api_key
 from draftsmith.serving.errors import APIError, invalid
 from draftsmith.serving.limits import CHAT, check_prompt_tokens, check_request, parse_body
 from draftsmith.serving.metrics import ServeMetrics
+from draftsmith.serving.retry import retry_attempts
 from draftsmith.serving.stream import StreamAccount
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,7 @@ class DraftsmithIngress(OpenAiIngress):
     async def _call_engine(self, model: str, method: str, payload):
         """(first item, stream) of an engine call; sent again while the engine fails before answering."""
         last: Any = None
-        for attempt in range(self.settings.engine_retries + 1):
-            if attempt:  # give Serve's health check time to take a dying replica out of rotation
-                await asyncio.sleep(min(2.0 ** (attempt - 1), 8.0))
+        async for attempt in retry_attempts(self.settings.engine_retry_s):
             if self.settings.engine != "vllm":  # other engines take plain dicts (no vLLM protocol classes there)
                 payload = payload.model_dump(exclude_none=True) if hasattr(payload, "model_dump") else payload
             stream = getattr(self._get_configured_serve_handle(model), method).remote(payload, None)
@@ -162,9 +160,7 @@ class DraftsmithIngress(OpenAiIngress):
     async def _prompt_tokens(self, model: str, kind: str, body: dict[str, Any]) -> int:
         """The prompt's length in the model's tokens, counted by an engine replica (it holds the tokenizer)."""
         last: Exception | None = None
-        for attempt in range(self.settings.engine_retries + 1):
-            if attempt:
-                await asyncio.sleep(min(2.0 ** (attempt - 1), 8.0))
+        async for _ in retry_attempts(self.settings.engine_retry_s):
             try:
                 return await self._default_serve_handles[model].prompt_tokens.remote(kind, body)
             except (ValueError, TypeError, KeyError) as exc:  # the replica could not read the prompt

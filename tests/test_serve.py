@@ -229,14 +229,23 @@ class Traffic(threading.Thread):
     def __init__(self, url: str, key: str | None):
         super().__init__(daemon=True)
         self.url, self.key, self.statuses, self.stop = url, key, [], threading.Event()
+        self.failures: list[str] = []  # what each non-200 answer said, for the assertion message
 
     def run(self):
         c = client(self.url, self.key)
         while not self.stop.is_set():
             try:
-                self.statuses.append(c.post("/v1/chat/completions", json=chat_body(QUESTIONS[0])).status_code)
+                response = c.post("/v1/chat/completions", json=chat_body(QUESTIONS[0]))
+                self.statuses.append(response.status_code)
+                if response.status_code != 200:
+                    self.failures.append(f"{time.strftime('%H:%M:%S')} {response.status_code} {response.text[:400]}")
             except httpx.HTTPError as exc:
                 self.statuses.append(repr(exc))
+                self.failures.append(f"{time.strftime('%H:%M:%S')} {exc!r}")
+
+    def assert_all_answered(self):
+        assert self.statuses, "no request was sent"
+        assert not self.failures, f"{len(self.failures)} of {len(self.statuses)} requests failed: {self.failures}"
 
 
 def _engine_cores(head) -> list[psutil.Process]:
@@ -268,7 +277,7 @@ def test_a_dead_engine_is_replaced_and_the_endpoint_keeps_answering(endpoint):
     traffic.stop.set()
     traffic.join(timeout=300)
     assert len(_engine_cores(head)) == 2 and cores[0].pid not in {p.pid for p in _engine_cores(head)}
-    assert traffic.statuses and all(s == 200 for s in traffic.statuses), traffic.statuses
+    traffic.assert_all_answered()
 
 
 def test_redeploy_moves_the_endpoint_to_a_new_champion_without_failed_requests(endpoint, registered):
@@ -305,7 +314,7 @@ def test_redeploy_moves_the_endpoint_to_a_new_champion_without_failed_requests(e
         traffic.join(timeout=300)
         assert card.json()["metadata"]["serving_versions"] == [str(new.version)]
         # requests sent with the old key still pass (auth is now off), none failed during the rollover
-        assert traffic.statuses and all(s == 200 for s in traffic.statuses), traffic.statuses
+        traffic.assert_all_answered()
         assert client(url, None).post("/v1/chat/completions", json=chat_body(QUESTIONS[1])).status_code == 200
     finally:
         registry.set_registered_model_alias(MODEL, "champion", old_version)

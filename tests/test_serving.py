@@ -18,6 +18,7 @@ from draftsmith.serving.errors import APIError
 from draftsmith.serving.limits import check_prompt_tokens, check_request, parse_body
 from draftsmith.serving.metrics import ServeMetrics
 from draftsmith.serving.model_source import ModelSourceError, RegistryRef
+from draftsmith.serving.retry import retry_attempts
 from draftsmith.serving.stream import StreamAccount
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,3 +227,21 @@ def test_trtllm_deployment_speaks_openai_over_the_llm_api(flow):
         assert await server.prompt_tokens("completions", {"prompt": "What is 4 plus 4?"}) > 0
 
     asyncio.run(scenario())
+
+
+def test_engine_retries_back_off_within_their_time_budget():
+    now = [0.0]
+
+    async def sleep(seconds):
+        now[0] += seconds
+
+    async def attempts(budget):
+        found = []
+        async for attempt in retry_attempts(budget, clock=lambda: now[0], sleep=sleep):
+            found.append((attempt, now[0]))
+        return found
+
+    assert asyncio.run(attempts(0)) == [(0, 0.0)]
+    now[0] = 0.0
+    # 1, 2, 4, then every 4 s; the attempt a further pause would push past the budget is the last.
+    assert asyncio.run(attempts(20)) == [(0, 0.0), (1, 1.0), (2, 3.0), (3, 7.0), (4, 11.0), (5, 15.0), (6, 19.0)]

@@ -356,10 +356,11 @@ class ServingSettings(Strict):
     max_tokens_limit: int = Field(1024, gt=0)
     max_prompt_tokens: int = Field(2048, gt=0)
     max_n: int = Field(4, gt=0)
-    engine_retries: int = Field(4, ge=0, description="Times a request that failed in the engine before its first "
-                                "byte is sent again, after 1, 2, 4, 8 s: Serve's health check (every 5 s, 3 "
-                                "failures) takes a dead engine's replica out of rotation meanwhile and another "
-                                "replica answers.")
+    engine_retry_s: float = Field(60.0, ge=0, description="How long a request that fails in the engine before "
+                                  "its first byte keeps being sent again (after 1, 2, 4, then every 4 s): Serve's "
+                                  "health check (every 5 s, 3 failures in a row) takes a dead engine's replica out "
+                                  "of rotation meanwhile, which took 15-40 s on a busy 2-core machine, and another "
+                                  "replica answers. 0 never retries.")
 
 
 # ------------------------------------------------------------------------------------------------ cluster
