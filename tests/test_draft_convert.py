@@ -18,7 +18,7 @@ from draftsmith.draft.objective import draft_forward
 from draftsmith.draft.vocab import draft_vocabulary
 from draftsmith.recipe.schema import DraftSettings
 from draftsmith.base_model import model_fingerprint
-from conftest import run_job
+from conftest import run_job_here
 
 SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
              num_key_value_heads=1, head_dim=32, max_position_embeddings=256)
@@ -136,8 +136,8 @@ def test_checkpoint_from_another_algorithm_or_base_is_refused(tmp_path):
 
 
 def test_convert_job_rejects_a_draft_that_does_not_fit_before_anything_runs(tmp_path):
-    result = run_job("jobs.convert", "--recipe", "tiny-eagle3", "--set", "draft.eagle.aux_hidden_state_layer_ids=[0,9]",
-                     "--set", f"output_dir={tmp_path / 'runs'}", timeout=300)
+    result = run_job_here("jobs.convert", "--recipe", "tiny-eagle3", "--set", "draft.eagle.aux_hidden_state_layer_ids=[0,9]",
+                     "--set", f"output_dir={tmp_path / 'runs'}")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "aux_hidden_state_layer_ids=[0, 9] must be distinct base layers in 0..3" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()  # nothing started

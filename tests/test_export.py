@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import run_job
+from conftest import run_job_here
 from draftsmith.base_model import model_fingerprint
 from draftsmith.draft.checkpoint import DraftCheckpointError, save_draft
 from draftsmith.draft.convert import convert_base, load_base
@@ -194,8 +194,8 @@ def test_formats_that_need_cuda_are_refused_on_cpu(tmp_path):
     check_format("nvfp4", use_gpu=True)
     with pytest.raises(QuantizationError, match="needs a CUDA device"):
         check_format("nvfp4", use_gpu=False)
-    proc = run_job("jobs.quantize", "--recipe", "tiny-eagle3", "--set", "quantization.format=nvfp4",
-                   "--set", f"output_dir={tmp_path}", timeout=300)
+    proc = run_job_here("jobs.quantize", "--recipe", "tiny-eagle3", "--set", "quantization.format=nvfp4",
+                   "--set", f"output_dir={tmp_path}")
     assert proc.returncode == 2 and "quantization.format=nvfp4 needs a CUDA device" in proc.stderr, proc.stderr
     assert not any(tmp_path.iterdir())  # refused before any stage ran
 

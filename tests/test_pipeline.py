@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_BASE_OVERRIDES, free_port, run_job
+from conftest import TINY_BASE_OVERRIDES, free_port, run_job, run_job_here
 from draftsmith import tracking
 from draftsmith.pipeline.runner import run_pipeline
 from draftsmith.pipeline.stage import DONE_MARKER, Stage
@@ -98,27 +98,27 @@ def _fails_clearly(result, pattern: str) -> None:
 
 def test_base_folder_that_is_not_a_causal_lm(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    result = run_job("jobs.pipeline", "--recipe", "tiny-eagle3", "--set", f"output_dir={tmp_path}",
+    result = run_job_here("jobs.pipeline", "--recipe", "tiny-eagle3", "--set", f"output_dir={tmp_path}",
                      "--set", f"base.model={tmp_path}", "--set", f"data.sources=[{{path: {tmp_path}/p.jsonl}}]",
                      "--set", f"evaluation.prompt_sets=[{{name: s, path: {tmp_path}/p.jsonl}}]",
-                     "--set", "evaluation.gate_set=s", timeout=120)
+                     "--set", "evaluation.gate_set=s")
     _fails_clearly(result, r"not a usable causal LM folder.*BertModel")
 
 
 def test_unreachable_mlflow(tmp_path):
-    result = run_job("jobs.pipeline", "--recipe", "tiny-eagle3", "--set", f"output_dir={tmp_path}",
-                     "--set", f"tracking.uri=http://127.0.0.1:{free_port()}", timeout=120)
+    result = run_job_here("jobs.pipeline", "--recipe", "tiny-eagle3", "--set", f"output_dir={tmp_path}",
+                     "--set", f"tracking.uri=http://127.0.0.1:{free_port()}")
     _fails_clearly(result, r"MLflow tracking server .* is unreachable")
 
 
 def test_unreachable_ray(tmp_path):
-    result = run_job("jobs.pipeline", "--recipe", "tiny-eagle3", "--set", f"output_dir={tmp_path}",
-                     "--set", f"ray.address=127.0.0.1:{free_port()}", timeout=120)
+    result = run_job_here("jobs.pipeline", "--recipe", "tiny-eagle3", "--set", f"output_dir={tmp_path}",
+                     "--set", f"ray.address=127.0.0.1:{free_port()}")
     _fails_clearly(result, r"no Ray cluster answers at 127\.0\.0\.1:\d+.*ray start --head")
 
 
 def test_malformed_recipe(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\ntraining:\n  stepz: 3\n")
-    _fails_clearly(run_job("jobs.pipeline", "--recipe", str(bad), timeout=120), r"bad.yaml:3: unknown key 'training.stepz'")
-    _fails_clearly(run_job("jobs.pipeline", "--recipe", "nope", timeout=120), r"recipe 'nope' not found")
+    _fails_clearly(run_job_here("jobs.pipeline", "--recipe", str(bad)), r"bad.yaml:3: unknown key 'training.stepz'")
+    _fails_clearly(run_job_here("jobs.pipeline", "--recipe", "nope"), r"recipe 'nope' not found")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import FLOW_REGISTRY as REGISTRY_NAME, clean_env, run_job
+from conftest import FLOW_REGISTRY as REGISTRY_NAME, clean_env, run_job_here
 from draftsmith import tracking
 from draftsmith.export.engine_configs import TRTLLM_FILE
 from draftsmith.export.trtllm_schema import EngineConfigError, check_trtllm_options
@@ -101,9 +101,8 @@ def test_registered_version_has_lineage_and_its_pyfunc_generates(flow, mlflow_se
                             recipe_file=results["register"].directory / "recipe.yaml", tags={},
                             num_speculative_tokens=3)
         # ... and the pipeline refuses it before any stage runs.
-        refused = run_job("jobs.register", "--recipe", "tiny-eagle3", "--set", f"tracking.uri={mlflow_server}",
-                          "--set", f"tracking.registry_name={REGISTRY_NAME}", "--set", f"output_dir={tmp_path}",
-                          timeout=300)
+        refused = run_job_here("jobs.register", "--recipe", "tiny-eagle3", "--set", f"tracking.uri={mlflow_server}",
+                          "--set", f"tracking.registry_name={REGISTRY_NAME}", "--set", f"output_dir={tmp_path}")
         assert refused.returncode == 2 and "holds medusa drafts" in refused.stderr, refused.stderr[-2000:]
         assert not any(tmp_path.iterdir())
     finally:
