@@ -122,8 +122,9 @@ class JobResult:
 
 def run_job_here(module: str, *args: str) -> JobResult:
     """Run `python -m MODULE ARGS` inside this process: the same `__main__` code and exit path, without the
-    ~20 s of imports a fresh interpreter pays (more on CI). Only for jobs that stop before Ray or MLflow start, a
-    user error at the door; the environment and MLflow's URIs are put back afterwards (a job sets both)."""
+    ~20 s of imports a fresh interpreter pays (more on CI). For jobs that need no Ray of their own (a user error at
+    the door, the registry's gate); the environment and MLflow's URIs are put back afterwards (a job sets both).
+    A fresh `python -m` of the pipeline, train, synthesize, evaluate and deploy jobs is run elsewhere (`run_job`)."""
     import io
     import runpy
 

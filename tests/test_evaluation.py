@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import DATA_OVERRIDES, FLOW, run_job
+from conftest import DATA_OVERRIDES, FLOW, run_job, run_job_here
 from draftsmith.engines.vllm_cpu import expand_batch_values, fix_cpu_expand_kernel
 from draftsmith.evaluation.gate import decide
 from draftsmith.evaluation.measure import BASE, DRAFT, summarize
@@ -189,7 +189,7 @@ def test_gate_promotes_a_better_draft_and_refuses_a_worse_one(flow, mlflow_serve
     job_args = ["--recipe", "tiny-eagle3", *[a for o in [*DATA_OVERRIDES, *FLOW] for a in ("--set", o)],
                 "--set", f"tracking.uri={mlflow_server}", "--set", f"tracking.registry_name={name}",
                 "--set", f"output_dir={tmp_path}"]
-    promoted = run_job("jobs.register", *job_args, "--gate", strong_version, timeout=900)
+    promoted = run_job_here("jobs.register", *job_args, "--gate", strong_version)
     assert promoted.returncode == 0, promoted.stderr[-3000:]
     decision = _printed_json(promoted.stdout)
     assert decision["promoted"] and decision["champion_version"] == weak, decision
@@ -197,7 +197,7 @@ def test_gate_promotes_a_better_draft_and_refuses_a_worse_one(flow, mlflow_serve
     client = MlflowClient()
     assert client.get_model_version_by_alias(name, "champion").version == strong_version
 
-    refused = run_job("jobs.register", *job_args, "--gate", weak, timeout=900)
+    refused = run_job_here("jobs.register", *job_args, "--gate", weak)
     assert refused.returncode == 0, refused.stderr[-3000:]
     decision = _printed_json(refused.stdout)
     assert not decision["promoted"] and decision["alias"] == "challenger", decision
