@@ -123,7 +123,8 @@ class JobResult:
 def run_job_here(module: str, *args: str) -> JobResult:
     """Run `python -m MODULE ARGS` inside this process: the same `__main__` code and exit path, without the
     ~20 s of imports a fresh interpreter pays (more on CI). For jobs that need no Ray of their own (a user error at
-    the door, the registry's gate); the environment and MLflow's URIs are put back afterwards (a job sets both).
+    the door, the registry's gate; not a pipeline that runs stages: it ends with `ray.shutdown()`, which would stop
+    this process's session Ray); the environment and MLflow's URIs are put back afterwards (a job sets both).
     A fresh `python -m` of the pipeline, train, synthesize, evaluate and deploy jobs is run elsewhere (`run_job`)."""
     import io
     import runpy
@@ -218,14 +219,16 @@ def tiny_recipe():
 
 
 @pytest.fixture(scope="session")
-def local_ray():
+def local_ray() -> str:
+    """The session's local Ray, started by this process; its address lets a job subprocess join it (`ray.address`)
+    instead of starting a Ray of its own."""
     import ray
 
     from draftsmith import cluster
     from draftsmith.recipe.schema import RaySettings
 
     cluster.connect(RaySettings(num_cpus=8))
-    yield
+    yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
 

@@ -87,6 +87,13 @@ def _latest(stage_dirs) -> dict | None:
     return json.loads((found[0] / "progress.json").read_text()) if found else None
 
 
+def _is_train_worker(proc: psutil.Process) -> bool:
+    try:
+        return any("RayTrainWorker" in part for part in proc.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _wait_for(condition, timeout_s: float, proc: subprocess.Popen, what: str) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -97,10 +104,11 @@ def _wait_for(condition, timeout_s: float, proc: subprocess.Popen, what: str) ->
     raise TimeoutError(what)
 
 
-def test_killed_worker_and_killed_job_resume_without_losing_steps(training_root, tmp_path):
+def test_killed_worker_and_killed_job_resume_without_losing_steps(training_root, local_ray, tmp_path):
+    # Both jobs join the session's Ray, as jobs submitted to one cluster do: the killed job's actors die with it.
     overrides = [*DATA_OVERRIDES, f"output_dir={training_root}", *SHORT_TRAINING, "training.steps=40",
                  "training.checkpoint_every=10", "training.eval_every=40", "training.max_failures=2",
-                 "training.keep_checkpoints=3", "training.seed=7"]
+                 "training.keep_checkpoints=3", "training.seed=7", f"ray.address={local_ray}"]
     cmd = [sys.executable, "-m", "jobs.train", "--recipe", "tiny-eagle3", *[a for o in overrides for a in ("--set", o)]]
     earlier = set(training_root.glob("tiny-eagle3/train-*"))
 
@@ -114,13 +122,15 @@ def test_killed_worker_and_killed_job_resume_without_losing_steps(training_root,
     with pytest.raises(ResumeError, match="nothing to resume"):
         run_pipeline(recipe, pipeline_stages("train"))
 
+    started = time.time()
     job = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), start_new_session=True, stdout=subprocess.DEVNULL,
                            stderr=open(tmp_path / "first.log", "w"))
     try:
         _wait_for(lambda: _latest(stage_dirs), 600, job, "the first committed checkpoint")
-        workers = [p for p in psutil.process_iter(["cmdline"])
-                   if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
-                   and p.pid in {c.pid for c in psutil.Process(job.pid).children(recursive=True)}]
+        # This job's workers: the session Ray's RayTrainWorker processes started since the job was (earlier
+        # tests' trainings have ended, and their workers with them).
+        workers = [p for p in psutil.Process().children(recursive=True)
+                   if _is_train_worker(p) and p.create_time() >= started]
         assert workers, "no Ray Train worker process found"
         workers[-1].kill()  # a worker dies mid-run: Ray Train restarts the group from the last checkpoint
         _wait_for(lambda: (_latest(stage_dirs) or {}).get("resumed_from"), 600, job,

@@ -89,12 +89,14 @@ def test_openai_engine_regenerates_turn_by_turn_and_quarantines(tiny_base, local
         server.close()
 
 
-def test_vllm_synthesis_resumes_after_a_kill_without_duplicates_or_losses(tiny_base, tmp_path):
+def test_vllm_synthesis_resumes_after_a_kill_without_duplicates_or_losses(tiny_base, local_ray, tmp_path):
     conversations = _two_turn_prompts(tiny_base, 12)
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in conversations))
     out_root = tmp_path / "runs"
+    # Both jobs join the session's Ray, as jobs submitted to one cluster do; the killed one's actors die with it.
     overrides = [*TINY_BASE_OVERRIDES, f"output_dir={out_root}", f"data.sources=[{{path: {data}}}]",
+                 f"ray.address={local_ray}",
                  "synthesis.shard_size=2", "synthesis.batch_size=2", "synthesis.sampling.max_tokens_per_turn=24"]
     cmd = [sys.executable, "-m", "jobs.synthesize", "--recipe", "tiny-eagle3",
            *[a for o in overrides for a in ("--set", o)]]
