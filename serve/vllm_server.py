@@ -14,6 +14,7 @@ from typing import Any
 from ray.llm._internal.common.callbacks.base import CallbackBase, CallbackConfig
 from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
+from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from transformers import AutoTokenizer
 
 from draftsmith.recipe.schema import ServingSettings
@@ -49,6 +50,23 @@ class ModelIsLocal(CallbackBase):
         self.ctx.run_init_node = False
 
 
+class WorkerInCoreVLLMEngine(VLLMEngine):
+    """Ray Serve LLM's vLLM engine with the model worker in the engine core's process (`vllm.in_process`).
+
+    On CPU, Ray Serve LLM always asks vLLM for its multiprocess executor: a third process per replica (beside the
+    replica and the engine core) that is spawned and imports torch and vLLM again before it loads a model, about a
+    minute of each replica start on 2 cores for the embedded base. A one-worker engine needs none: this runs the
+    worker in the core, as vLLM does by default for one GPU. Overridden through the engine class Ray Serve LLM
+    takes by injection (`LLMServer(engine_cls=)`); the executor is chosen from the config right before the
+    engine starts, so that is where it is set."""
+
+    def _start_async_llm_engine(self, vllm_engine_args, vllm_engine_config, placement_group):
+        parallel = vllm_engine_config.parallel_config
+        if parallel.world_size == 1:
+            parallel.distributed_executor_backend = "uni"
+        return super()._start_async_llm_engine(vllm_engine_args, vllm_engine_config, placement_group)
+
+
 class SpeculativeVLLMServer(LLMServer):
     """One engine replica: downloads the pinned version, then starts vLLM with the draft attached."""
 
@@ -66,7 +84,9 @@ class SpeculativeVLLMServer(LLMServer):
         self._tokenizer = AutoTokenizer.from_pretrained(model.base_dir)
         log.info("serving %s (version %s) from %s with %s", model.model_id, model.version, model.base_dir,
                  llm_config.engine_kwargs.get("speculative_config"))
-        await super().__init__(llm_config)
+        # GPU replicas keep Ray Serve LLM's executor (Ray's, placed on the replica's GPU bundle).
+        in_core = settings.vllm.in_process and device == "cpu"
+        await super().__init__(llm_config, engine_cls=WorkerInCoreVLLMEngine if in_core else None)
         if stats_board is not None:
             self._reporting = start_reporting(stats_board, self.engine_stats)
 

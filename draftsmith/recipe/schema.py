@@ -131,11 +131,13 @@ class VllmSettings(Strict):
         "against 25 s to start, 22.6 against 19.2 tokens/s at batch 1): true pays for short runs, tests and "
         "the embedded demo; false for long synthesis and serving.")
     in_process: bool = Field(
-        False, description="Run the engine core and its model worker inside the process that asks for them "
-        "(vLLM's VLLM_ENABLE_V1_MULTIPROCESSING=0) rather than in two processes of their own, each importing "
-        "vLLM again: an engine starts in about half the time (15 s against 32 s for the embedded base on 2 "
-        "cores), but scheduling no longer overlaps the model step and vLLM's CPU thread binding is skipped. For "
-        "short runs; offline engines only (Serve's async engine always has a process of its own).")
+        False, description="Run the model worker inside the engine core's process rather than in a process of its "
+        "own that imports vLLM again. Offline engines (synthesis, the round trip, evaluation, the gate) then run "
+        "core and worker in the process that asks for them (vLLM's VLLM_ENABLE_V1_MULTIPROCESSING=0): the "
+        "embedded base's engine starts in 15 s against 32 s on 2 cores. Serve's async engine keeps its core in a "
+        "process of its own and runs the worker there (vLLM's single-process executor, on CPU; GPU replicas keep "
+        "Ray Serve LLM's executor). Scheduling no longer overlaps the model step, and vLLM's CPU thread binding "
+        "before torch loads is skipped: for short runs and small models.")
 
 
 # ---------------------------------------------------------------------------------------------- synthesis
@@ -327,13 +329,6 @@ class ServingSettings(Strict):
                                                   "picks gpu where CUDA is available.")
     max_model_len: int | None = Field(None, gt=0, description="Default: the base's context (capped at 16384).")
     vllm: VllmSettings = Field(default_factory=VllmSettings, description="How the vLLM replicas start.")
-
-    @model_validator(mode="after")
-    def _async_engine(self) -> ServingSettings:
-        if self.vllm.in_process:
-            raise ValueError("serving.vllm.in_process=true cannot apply: Serve runs vLLM's async engine, whose core "
-                             "always runs in a process of its own; leave it false")
-        return self
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the engine as they are "
                                           "(vLLM engine args, or TensorRT-LLM LLM args).")
     tracking_uri: str | None = Field(None, description="MLflow server of the registry; default $MLFLOW_TRACKING_URI.")
