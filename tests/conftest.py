@@ -122,10 +122,10 @@ class JobResult:
 
 def run_job_here(module: str, *args: str) -> JobResult:
     """Run `python -m MODULE ARGS` inside this process: the same `__main__` code and exit path, without the
-    ~20 s of imports a fresh interpreter pays (more on CI). For jobs that need no Ray of their own (a user error at
-    the door, the registry's gate; not a pipeline that runs stages: it ends with `ray.shutdown()`, which would stop
-    this process's session Ray); the environment and MLflow's URIs are put back afterwards (a job sets both).
-    A fresh `python -m` of the pipeline, train, synthesize, evaluate and deploy jobs is run elsewhere (`run_job`)."""
+    ~20 s of imports a fresh interpreter pays (more on CI). A job that runs stages joins this process's session
+    Ray when one is up (`local_ray`) and leaves it running, as `run_recipe` does with a Ray it did not start; the
+    environment and MLflow's URIs are put back afterwards (a job sets both). Fresh `python -m` runs of the
+    pipeline, train, synthesize and deploy jobs stay elsewhere (`run_job`, a killed job's Popen)."""
     import io
     import runpy
 
@@ -177,8 +177,20 @@ def head_node_at(log_dir: Path, env: dict[str, str] | None = None):
         wait_http(f"http://127.0.0.1:{dashboard}/api/version", 180, proc)
         yield HeadNode(f"http://127.0.0.1:{dashboard}", proc.pid)
     finally:
-        proc.terminate()
+        # Killed, not stopped: a graceful stop drains Serve's replicas and their engines (about 35 s), and nothing
+        # of this throwaway cluster needs saving. Its processes all descend from the `ray start` process.
+        import psutil
+
+        try:
+            cluster = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:  # the head node died by itself
+            cluster = []
+        proc.kill()
+        for member in cluster:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
         proc.wait(timeout=60)
+        psutil.wait_procs(cluster, timeout=60)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA_OVERRIDES, ROOT, SHORT_TRAINING, clean_env
+from conftest import DATA_OVERRIDES, ROOT, SHORT_TRAINING, clean_env, run_job_here
 from draftsmith import tracking
 from draftsmith.pipeline.runner import run_pipeline
 from draftsmith.recipe.loader import load_recipe
@@ -143,8 +143,9 @@ def test_killed_worker_and_killed_job_resume_without_losing_steps(training_root,
     last = _latest(stage_dirs)["step"]
     assert last < 40
 
-    again = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                           timeout=900)
+    # The re-run, `--resume`, in this process: the same job `__main__` joining the same Ray, without a fresh
+    # interpreter's imports (the killed job above is the one that had to be a process of its own).
+    again = run_job_here(*cmd[2:], "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     (stage_dir,) = stage_dirs()
     summary = json.loads((stage_dir / "training_summary.json").read_text())

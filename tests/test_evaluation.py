@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import DATA_OVERRIDES, FLOW, run_job, run_job_here
+from conftest import DATA_OVERRIDES, FLOW, run_job_here
 from draftsmith.engines.vllm_cpu import expand_batch_values, fix_cpu_expand_kernel
 from draftsmith.evaluation.gate import decide
 from draftsmith.evaluation.measure import BASE, DRAFT, summarize
@@ -153,12 +153,12 @@ def test_evaluate_job_takes_a_registered_version_by_alias(flow, mlflow_server, t
     bad.write_text('{"turns": ["What is 12 + 30?", "Is that more than 100?"]}\n{"turns": \n'
                    '{"turns": ["Spell the word \\"lamp\\"."]}\n')
     sets = f"evaluation.prompt_sets=[{{name: embedded-heldout, limit: 2}}, {{name: user, path: {bad}}}]"
-    job = run_job("jobs.evaluate", "--recipe", "tiny-eagle3", *[a for o in [*DATA_OVERRIDES, *FLOW] for a in
+    job = run_job_here("jobs.evaluate", "--recipe", "tiny-eagle3", *[a for o in [*DATA_OVERRIDES, *FLOW] for a in
                                                                  ("--set", o)],
                   "--set", sets, "--set", "evaluation.max_bad_share=0.5", "--set", "evaluation.temperatures=[0]",
                   "--set", "evaluation.ngram_baseline=false", "--set", f"tracking.uri={mlflow_server}",
                   "--set", f"output_dir={tmp_path}", "--model", "models:/tiny-draft-under-test@champion",
-                  "--out", str(tmp_path / "report"), timeout=900)
+                  "--out", str(tmp_path / "report"))
     assert job.returncode == 0, job.stderr[-3000:]
     report = json.loads((tmp_path / "report" / "evaluation.json").read_text())
     assert report["registry_version"] == {"name": "tiny-draft-under-test",

@@ -81,11 +81,12 @@ def test_pipeline_job_runs_then_skips(tiny_base, mlflow_server, tmp_path):
     prompts = Path(summary["prompts"]["outputs"]["sources"][0]["path"]).read_text().splitlines()
     assert len(prompts) == 40 and "messages" in json.loads(prompts[0])
 
-    again = run_job("jobs.pipeline", *args)
+    # The re-runs in this process (the first run above is the fresh interpreter a user starts).
+    again = run_job_here("jobs.pipeline", *args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert all(stage["skipped"] for stage in _summary(again.stdout).values())
 
-    more = run_job("jobs.pipeline", *args, "--set", "data.num_prompts=41")
+    more = run_job_here("jobs.pipeline", *args, "--set", "data.num_prompts=41")
     stages = _summary(more.stdout)
     assert stages["base"]["skipped"] and not stages["prompts"]["skipped"]
 

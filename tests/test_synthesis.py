@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from openai_test_server import OpenAITestServer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, TINY_BASE_OVERRIDES, clean_env
+from conftest import ROOT, TINY_BASE_OVERRIDES, clean_env, run_job_here
 from draftsmith.embedded.build import heldout_conversations
 from draftsmith.embedded.exact_match import TurnPrompt, greedy_answers
 from draftsmith.recipe.loader import load_recipe
@@ -115,7 +115,7 @@ def test_vllm_synthesis_resumes_after_a_kill_without_duplicates_or_losses(tiny_b
     kept = {p: p.stat().st_mtime_ns for p in out_root.glob("tiny-eagle3/synthesize-*/state/round-00/*.jsonl")}
     assert kept
 
-    second = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=900)
+    second = run_job_here(*cmd[2:])  # the re-run in this process: the same job `__main__`, joining the same Ray
     assert second.returncode == 0, second.stderr[-3000:]
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished work was not redone
 

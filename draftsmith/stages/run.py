@@ -25,10 +25,14 @@ def run_recipe(recipe: Recipe, until: str | None = None) -> dict[str, StageResul
         if stage.needs_ray(recipe):
             cluster.connect(recipe.ray)
 
+    # A Ray this process had joined before (a notebook's, a test session's) is left running; one started or joined
+    # here is left when the stages end.
+    joined_before = ray.is_initialized()
     try:
         return run_pipeline(recipe, stages, before_run=connect_if_needed)
     finally:
-        ray.shutdown()
+        if not joined_before:
+            ray.shutdown()
 
 
 def summary(results: dict[str, StageResult]) -> dict:
