@@ -19,7 +19,7 @@ from draftsmith.training.distributed import (
     lr_lambda,
     rank0_mlflow,
     run_torch_trainer,
-    set_worker_threads,
+    prepare_worker,
 )
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def _pretrain_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     world = ctx.get_world_size()
-    set_worker_threads(ctx.get_local_world_size())
+    prepare_worker(ctx.get_local_world_size())
     torch.manual_seed(config["seed"])
     model = LlamaForCausalLM(LlamaConfig.from_dict(config["model_config"]))
     optimizer = torch.optim.AdamW(

@@ -57,10 +57,18 @@ def lr_lambda(*, warmup_steps: int, total_steps: int, schedule: str = "cosine", 
     return factor
 
 
-def set_worker_threads(num_workers_on_node: int) -> None:
-    """Split the node's cores between its workers: oversubscribed BLAS threads slow every worker down."""
+def prepare_worker(num_workers_on_node: int) -> None:
+    """What every DeepSpeed training worker sets before `deepspeed.initialize`.
+
+    The node's cores are split between its workers: oversubscribed BLAS threads slow every worker down. And
+    DeepSpeed's shared-memory all-reduce op is marked unavailable: on CPU its communication backend JIT-compiles
+    that op when it starts (about 40 s of two compilers on a fresh machine, once per machine) for the all-reduce
+    of tensor-parallel inference, which training never calls; ZeRO's collectives go through torch.distributed."""
+    import deepspeed.ops
+
     cores = os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // max(1, num_workers_on_node)))
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def run_torch_trainer(

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from draftsmith.draft.checkpoint import LoadedDraft, load_draft, write_checkpoint
 from draftsmith.draft.objective import draft_forward
 from draftsmith.training.batching import collate, micro_batch_sequence
-from draftsmith.training.distributed import lr_lambda, rank0_mlflow, set_worker_threads
+from draftsmith.training.distributed import lr_lambda, rank0_mlflow, prepare_worker
 from draftsmith.training.layout import read_split
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    set_worker_threads(ctx.get_local_world_size())
+    prepare_worker(ctx.get_local_world_size())
     torch.manual_seed(config["seed"] + rank)
     loaded = load_draft(config["init_checkpoint"], config["base_dir"])
     model, algorithm = loaded.model, loaded.meta["algorithm"]
