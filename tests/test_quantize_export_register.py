@@ -75,7 +75,7 @@ def test_registered_version_has_lineage_and_its_pyfunc_generates(flow, mlflow_se
     # A fresh process, as a user would: load by alias, generate.
     script = (
         "import mlflow, pandas as pd, json; "
-        f"m = mlflow.pyfunc.load_model('models:/{REGISTRY_NAME}@champion', model_config={{'enforce_eager': True}}); "
+        f"m = mlflow.pyfunc.load_model('models:/{REGISTRY_NAME}@champion', model_config={{'enforce_eager': True, 'in_process': True}}); "
         "out = m.predict(pd.DataFrame({'prompt': ['What is 3 + 4?', 'Sort: pear, fig, apple']}), "
         "params={'max_tokens': 24}); print('RESULT' + json.dumps(out))"
     )

@@ -6,12 +6,15 @@ process. Artifacts: `export` (the export folder), `recipe`, and `base` (the base
 unless the version was registered with `tracking.bundle_base=false`, when the model config's `base_model` path
 is used.
 On a machine without CUDA it runs vLLM's CPU build with the export's CPU draft variant. vLLM compiles the model
-unless the model config says `enforce_eager: true` (at load: `load_model(uri, model_config={"enforce_eager": True})`).
+unless the model config says `enforce_eager: true` (at load: `load_model(uri, model_config={"enforce_eager": True})`),
+and runs its engine core and worker in processes of their own unless it says `in_process: true` (as the recipe's
+`vllm` settings mean them).
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 from typing import Any
 
 from mlflow.models import set_model
@@ -36,7 +39,7 @@ class SpeculativeDraftModel(PythonModel):
         import torch
         from vllm import LLM
 
-        from draftsmith.engines.vllm_args import engine_args
+        from draftsmith.engines.vllm_args import engine_args, engine_env
         from draftsmith.export.bundle import export_engine_config
         from draftsmith.export.engine_configs import vllm_runtime_config
         from draftsmith.recipe.schema import VllmSettings
@@ -48,8 +51,12 @@ class SpeculativeDraftModel(PythonModel):
             raise ValueError("this export has no draft vLLM can load (Medusa exports target TensorRT-LLM)")
         speculative["num_speculative_tokens"] = int(config.get("num_speculative_tokens",
                                                                speculative["num_speculative_tokens"]))
-        # `enforce_eager` (the model config's, overridable at load time: `load_model(uri, model_config={...})`).
-        kwargs = engine_args(VllmSettings(enforce_eager=bool(config.get("enforce_eager", False))), device)
+        # `enforce_eager` and `in_process` (the model config's, overridable at load time:
+        # `load_model(uri, model_config={...})`); in process: the engine core and worker in this process.
+        settings = VllmSettings(enforce_eager=bool(config.get("enforce_eager", False)),
+                                in_process=bool(config.get("in_process", False)))
+        os.environ.update(engine_env(settings))
+        kwargs = engine_args(settings, device)
         base = context.artifacts.get("base") or config["base_model"]  # bundled, or a path on shared storage
         self.llm = LLM(model=base, speculative_config=vllm_runtime_config(speculative), seed=0,
                        max_model_len=int(config.get("max_model_len", 1024)), enable_prefix_caching=False, **kwargs)
