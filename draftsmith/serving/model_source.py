@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from draftsmith.export.bundle import export_engine_config, read_manifest
-from draftsmith.export.engine_configs import vllm_runtime_config
 from draftsmith.recipe.schema import ServingSettings
+
+# The export code (and with it transformers' model registry, 7-11 s of imports on 2 cores) is imported where a
+# model is opened: the deploy job, Serve's build task and the ingress replica import this module and never do.
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,9 @@ class ServedModel:
                 "max_draft_len": (self.manifest.get("export_settings") or {}).get("max_draft_len")}
 
     def vllm_speculative_config(self, settings: ServingSettings, device: str) -> dict[str, Any] | None:
+        from draftsmith.export.bundle import export_engine_config
+        from draftsmith.export.engine_configs import vllm_runtime_config
+
         if not settings.speculative:
             return None
         config = export_engine_config(self.export_dir, "vllm", device=device)
@@ -128,6 +132,8 @@ class ServedModel:
         return vllm_runtime_config(config)
 
     def trtllm_options(self) -> dict[str, Any]:
+        from draftsmith.export.bundle import export_engine_config
+
         config = export_engine_config(self.export_dir, "trtllm")
         if config is None:
             raise ModelSourceError(f"{self.model_id}: this {self.manifest['algorithm']} export has no TensorRT-LLM "
@@ -142,6 +148,7 @@ def download_root(settings: ServingSettings) -> Path:
 def materialize(settings: ServingSettings) -> ServedModel:
     """The pinned model on local disk: downloaded once per machine and version (replicas share it under a lock)."""
     from draftsmith.evaluation.evaluate import from_export, from_registry, open_downloaded_version
+    from draftsmith.export.bundle import read_manifest
 
     ref = required_ref(settings)
     model_id = default_model_id(settings)
