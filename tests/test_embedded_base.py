@@ -100,3 +100,12 @@ def test_vllm_cpu_generates_what_transformers_generates(tiny_base):
             logits = model(input_ids=prefix).logits[0, -1]
         gap = float(logits[ids[split]] - logits[vllm_ids[split]])
         assert gap < 1e-3, f"vLLM chose token {vllm_ids[split]} at step {split}, {gap:.4f} below transformers' choice"
+
+
+def test_engine_processes_take_the_callers_environment_and_report_vllms_error(tiny_base, tmp_path, monkeypatch):
+    """The engine process is forked from a server that imported vLLM once: it must still see the environment as
+    of the call (here, a KV cache size vLLM refuses) and hand back vLLM's own error with its log."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "0")
+    with pytest.raises(RuntimeError, match="vLLM generation failed") as failed:
+        run_vllm_chat(tiny_base, [[{"role": "user", "content": "What is 1 plus 1?"}]], max_tokens=4, vllm=EAGER)
+    assert "memory for the cache blocks" in str(failed.value), str(failed.value)[-2000:]  # vLLM's ValueError
