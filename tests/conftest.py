@@ -136,6 +136,11 @@ def run_job_here(module: str, *args: str) -> JobResult:
     saved_uris = tracking_utils._tracking_uri, registry_utils._registry_uri
     out, err, code = io.StringIO(), io.StringIO(), 0
     sys.argv = [module, *args]
+    # The job starts as a fresh process would: no MLflow URI an earlier test set (in MLflow's globals, or exported
+    # to the environment, where a job's own tracking resolution would find it and log there instead).
+    os.environ.clear()
+    os.environ.update(clean_env())
+    tracking_utils._tracking_uri, registry_utils._registry_uri = None, None
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             runpy.run_module(module, run_name="__main__", alter_sys=True)
