@@ -14,6 +14,8 @@ from draftsmith.recipe.schema import RaySettings
 
 log = logging.getLogger(__name__)
 
+LOCAL_TRAIN_ENV = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED")
+
 
 class ClusterError(RuntimeError):
     """Ray cannot be reached as configured."""
@@ -81,6 +83,11 @@ def connect(settings: RaySettings) -> None:
     runtime_env["env_vars"]["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
     )
+    # Ray Train's preemption watcher (an actor per worker group, for spot nodes) and its Prometheus metrics (read
+    # by a dashboard this cluster does not start) have nothing to do on one local node; each costs a process start
+    # per training run. Set here, before the cluster starts: its actors and the jobs that join it inherit them.
+    for key in LOCAL_TRAIN_ENV:
+        os.environ.setdefault(key, "0")
     # address="local": always a fresh cluster, never a stale one recorded by an earlier `ray start`.
     ray.init(address="local", num_cpus=settings.num_cpus, runtime_env=runtime_env, include_dashboard=False,
              log_to_driver=True)

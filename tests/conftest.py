@@ -196,7 +196,10 @@ def head_node_at(log_dir: Path, env: dict[str, str] | None = None):
                 member.kill()
         proc.wait(timeout=60)
         psutil.wait_procs(cluster, timeout=60)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        if os.environ.get("DRAFTSMITH_KEEP_HEAD_LOGS"):  # Serve's controller and replica logs, to read afterwards
+            print(f"head node's Ray logs kept in {ray_tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

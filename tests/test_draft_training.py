@@ -64,21 +64,20 @@ def test_eagle3_learns_and_only_the_draft_changes(flow):
     assert before["eagle_module.d2t"].any()  # and it is a real mapping (256 of 865 tokens)
 
 
-@pytest.mark.parametrize("algorithm", ["medusa", "eagle1"])
-def test_medusa_and_eagle1_train_under_zero3(training_root, algorithm):
-    results = _train(training_root, f"draft.algorithm={algorithm}", "training.zero_stage=3", "training.steps=30",
-                     "training.eval_every=30", "training.checkpoint_every=30")
+def test_medusa_trains_under_zero3_and_its_export_is_accepted(training_root):
+    """Medusa under ZeRO-3 (EAGLE-1 under ZeRO-3 is the kill-and-resume drill below: one Ray Train run less)."""
+    medusa = ["draft.algorithm=medusa", "training.zero_stage=3", "training.steps=30", "training.eval_every=30",
+              "training.checkpoint_every=30"]
+    results = _train(training_root, *medusa)
     run_id = results["train"].mlflow_run_id
     val_acc, val_loss = _history(run_id, "val/acc_step1"), _history(run_id, "val/loss")
     assert val_loss[-1] < val_loss[0] and val_acc[-1] > val_acc[0] + 0.05, (val_loss, val_acc)
-    assert len(_history(run_id, "val/acc_step3")) == 2  # three heads / TTT steps each report an accuracy
+    assert len(_history(run_id, "val/acc_step3")) == 2  # each of the three heads reports an accuracy
     assert results["train"].outputs["steps"] == 30
-    if algorithm == "medusa":  # its heads, exported in vLLM's Medusa layout, run in vLLM (CPU) and get accepted
-        exported = _train(training_root, f"draft.algorithm={algorithm}", "training.zero_stage=3",
-                          "training.steps=30", "training.eval_every=30", "training.checkpoint_every=30",
-                          "quantization.format=none", "export.verify_prompts=4", until="export")
-        verification = exported["export"].outputs["verification"]
-        assert verification["identical"] and verification["num_accepted_tokens"] > 0, verification
+    # Its heads, exported in vLLM's Medusa layout, run in vLLM (CPU) and get accepted.
+    exported = _train(training_root, *medusa, "quantization.format=none", "export.verify_prompts=4", until="export")
+    verification = exported["export"].outputs["verification"]
+    assert verification["identical"] and verification["num_accepted_tokens"] > 0, verification
 
 
 def _latest(stage_dirs) -> dict | None:
@@ -105,8 +104,11 @@ def _wait_for(condition, timeout_s: float, proc: subprocess.Popen, what: str) ->
 
 
 def test_killed_worker_and_killed_job_resume_without_losing_steps(training_root, local_ray, tmp_path):
+    """An EAGLE-1 draft under ZeRO-3 (partitioned optimizer and parameters: the hardest state to resume) loses a
+    worker, then its whole job, and the re-run finishes it: every step once, and it learned."""
     # Both jobs join the session's Ray, as jobs submitted to one cluster do: the killed job's actors die with it.
-    overrides = [*DATA_OVERRIDES, f"output_dir={training_root}", *SHORT_TRAINING, "training.steps=40",
+    overrides = [*DATA_OVERRIDES, f"output_dir={training_root}", *SHORT_TRAINING, "draft.algorithm=eagle1",
+                 "training.zero_stage=3", "training.steps=40",
                  "training.checkpoint_every=10", "training.eval_every=40", "training.max_failures=2",
                  "training.keep_checkpoints=3", "training.seed=7", f"ray.address={local_ray}"]
     cmd = [sys.executable, "-m", "jobs.train", "--recipe", "tiny-eagle3", *[a for o in overrides for a in ("--set", o)]]
@@ -155,3 +157,8 @@ def test_killed_worker_and_killed_job_resume_without_losing_steps(training_root,
     # not from the start and not from the first resume point.
     assert first_resume < second_resume and last <= second_resume <= last + 10, (summary["resumed_from"], last)
     assert summary["base_unchanged"]
+    # Learning survived both restarts: validation before step 1 (kept in the progress record) against the end.
+    before, after = summary["initial_metrics"], summary["metrics"]
+    assert after["val/loss"] < before["val/loss"] and after["val/acc_step1"] > before["val/acc_step1"] + 0.05, \
+        (before, after)
+    assert summary["algorithm"] == "eagle1" and {"val/acc_step3", "train/acc_step3"} <= after.keys()  # 3 TTT steps
