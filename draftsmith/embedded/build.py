@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
 import logging
 import shutil
 import time
 from pathlib import Path
-from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
 from draftsmith import tracking
-from draftsmith.cluster import cache_dir
+from draftsmith.cluster import cache_dir, cache_lock
 from draftsmith.embedded.conversations import Conversation, train_and_heldout
 from draftsmith.embedded.exact_match import exact_match_report, greedy_answers, turn_prompts
 from draftsmith.embedded.packing import pack_conversations
@@ -49,18 +46,6 @@ def is_built(settings: EmbeddedBase) -> bool:
     return read_done(embedded_base_dir(settings)) is not None
 
 
-@contextlib.contextmanager
-def _build_lock(directory: Path) -> Iterator[None]:
-    """One builder per settings hash at a time; a second waits and then finds the base built."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with open(directory.parent / f"{directory.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def evaluate_exact_match(model_dir: Path, heldout: list[Conversation], max_new_tokens: int = 96) -> dict:
     """Greedy answers of the model in `model_dir` on the held-out turns, judged against the references."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -72,7 +57,7 @@ def evaluate_exact_match(model_dir: Path, heldout: list[Conversation], max_new_t
 def build_embedded_base(settings: EmbeddedBase, *, tracking_uri: str | None = None) -> Path:
     """The cached base folder for `settings`, built now if missing. Needs a Ray connection to pretrain."""
     out = embedded_base_dir(settings)
-    with _build_lock(out):
+    with cache_lock(out):
         if read_done(out) is not None:
             log.info("embedded base cached at %s", out)
             return out

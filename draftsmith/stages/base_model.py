@@ -1,4 +1,5 @@
-"""Stage `base`: the frozen base model, built (embedded default) or checked (a user's Hugging Face folder)."""
+"""Stage `base`: the frozen base model, built (embedded default), converted (a GGUF file) or checked (a user's
+Hugging Face folder)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from draftsmith import tracking
-from draftsmith.base_model import model_fingerprint, validate_causal_lm_folder
+from draftsmith.base_model import model_fingerprint, resolve_base_folder
 from draftsmith.embedded.build import build_embedded_base, build_report, is_built
 from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.recipe.schema import BaseModelSettings, Recipe
@@ -23,7 +24,7 @@ class BaseModelStage(Stage):
         if recipe.base.model == "embedded":
             return recipe.base
         # A user's folder: its identity is its content, not the unused embedded settings.
-        folder = validate_causal_lm_folder(recipe.base.model).resolve()
+        folder = resolve_base_folder(recipe.base.model)
         return {"model": str(folder), "model_hash": model_fingerprint(folder)}
 
     def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
@@ -33,7 +34,7 @@ class BaseModelStage(Stage):
             report = build_report(model_dir)
             tracking.log_metrics({"exact_match": report["exact_match"], "eos_share": report["eos_share"]})
         else:
-            model_dir = validate_causal_lm_folder(settings.model).resolve()
+            model_dir = resolve_base_folder(settings.model)
         fingerprint = model_fingerprint(model_dir)
         tracking.set_tags({"draftsmith.base_model": str(model_dir), "draftsmith.base_model_hash": fingerprint})
         return {"model_dir": str(model_dir), "model_hash": fingerprint, "embedded": settings.model == "embedded"}

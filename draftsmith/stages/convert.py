@@ -12,6 +12,7 @@ from typing import Any
 from transformers import AutoConfig
 
 from draftsmith import tracking
+from draftsmith.base_model import resolve_base_folder
 from draftsmith.draft.architecture import DRAFT_PREFIX, check_fits, text_config
 from draftsmith.draft.checkpoint import save_draft
 from draftsmith.draft.convert import base_state_keys, convert_base
@@ -42,7 +43,7 @@ class ConvertStage(Stage):
     def settings(self, recipe: Recipe) -> Any:
         # A draft that cannot fit the base fails here, before synthesis spends hours on its data.
         if recipe.base.model != "embedded":
-            check_fits(recipe.draft, AutoConfig.from_pretrained(recipe.base.model))
+            check_fits(recipe.draft, AutoConfig.from_pretrained(resolve_base_folder(recipe.base.model)))
         else:  # the embedded base's shape is known from the recipe (its vocabulary is at most the BPE target)
             arch = recipe.base.embedded.architecture
             check_fits(recipe.draft, SimpleNamespace(
