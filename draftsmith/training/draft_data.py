@@ -20,6 +20,7 @@ import ray
 
 from draftsmith.jsonl import write_jsonl
 from draftsmith.synthesis.records import normalize_messages, raw_records, source_files
+from draftsmith.training.assistant_mask import ChatTemplateMaskError, assistant_mask
 from draftsmith.training.layout import TRAIN_DIR, VALIDATION_DIR
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,15 @@ def _tokenizer_stamp(base_dir: str) -> tuple:
     return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("tokenizer*")))
 
 
+def _generation_eos_ids(base_dir: str) -> list[int]:
+    """The end-of-turn ids the base stops on (generation_config.json), beside its tokenizer's EOS."""
+    config = Path(base_dir) / "generation_config.json"
+    if not config.is_file():
+        return []
+    eos = json.loads(config.read_text()).get("eos_token_id")
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
 def tokenize_files(batch: dict[str, np.ndarray], **settings: Any) -> dict[str, list]:
     """Ray Data task: TokenizeFiles on one batch of paths. A task rather than an actor pool: Ray keeps a task's
     worker process (its transformers import, its tokenizer) for the next execution of the same job, where an
@@ -72,6 +82,7 @@ class TokenizeFiles:
 
     def __init__(self, base_dir: str, max_seq_len: int, validation_share: float, out_dir: str, vocab_size: int):
         self.tokenizer = _tokenizer(base_dir, _tokenizer_stamp(base_dir))
+        self.eos_token_ids = _generation_eos_ids(base_dir)
         self.max_seq_len, self.validation_share = max_seq_len, validation_share
         self.out_dir, self.vocab_size = Path(out_dir), vocab_size
 
@@ -87,13 +98,13 @@ class TokenizeFiles:
             if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
                 raise ValueError("no assistant turn with text: nothing for the draft to learn")
             try:
-                out = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                                         return_assistant_tokens_mask=True)
+                ids, mask = assistant_mask(self.tokenizer, messages, self.eos_token_ids)
+            except ChatTemplateMaskError:
+                raise
             except Exception as exc:  # the template's own errors (e.g. role order) name the problem
                 raise ValueError(f"the base's chat template rejects it: {exc}") from None
-            ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
             if not any(mask):
-                raise ValueError("the chat template marks no assistant tokens ({% generation %} missing?)")
+                raise ValueError("the chat template marks no assistant tokens")
             row["truncated"] = len(ids) > self.max_seq_len
             ids, mask = ids[: self.max_seq_len], mask[: self.max_seq_len]
             if sum(mask[1:]) == 0:
