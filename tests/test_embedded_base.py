@@ -24,7 +24,7 @@ from draftsmith.recipe.schema import VllmSettings
 
 pytestmark = pytest.mark.slow
 
-EAGER = VllmSettings(enforce_eager=True, in_process=True)  # a start in seconds, as the tiny recipe has it
+EAGER = VllmSettings(enforce_eager=True, in_process=True, dtype="float32")  # as the tiny recipe has it
 
 
 def test_build_writes_a_hugging_face_folder_and_a_report(tiny_base, tiny_recipe):

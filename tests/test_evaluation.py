@@ -13,13 +13,15 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import DATA_OVERRIDES, FLOW, run_job_here
+from draftsmith.engines import vllm_cpu
+from draftsmith.engines.vllm_args import engine_args
 from draftsmith.engines.vllm_cpu import expand_batch_values, fix_cpu_expand_kernel
 from draftsmith.evaluation.gate import decide
 from draftsmith.evaluation.measure import BASE, DRAFT, summarize
 from draftsmith.evaluation.prompt_sets import PromptSetError, load_prompt_set
 from draftsmith.export.bundle import export_bundle
 from draftsmith.recipe.loader import RecipeError, load_recipe
-from draftsmith.recipe.schema import ExportSettings, PromptSet
+from draftsmith.recipe.schema import ExportSettings, PromptSet, VllmSettings
 from draftsmith.registry.register import register_export
 
 K = 3
@@ -45,6 +47,19 @@ def test_cpu_expand_kernel_fix_is_a_vllm_plugin():
     assert plugins.get("draftsmith_cpu_kernels") == "draftsmith.engines.vllm_cpu:fix_cpu_expand_kernel"
     fix_cpu_expand_kernel()
     assert cpu_triton_utils._expand_kernel_impl is expand_batch_values
+
+
+def test_engine_dtype_is_bfloat16_only_on_cpus_that_compute_it(monkeypatch):
+    monkeypatch.setattr(vllm_cpu, "cpu_has_bf16", lambda: True)
+    assert engine_args(VllmSettings(), "cpu")["dtype"] == "bfloat16"
+    assert engine_args(VllmSettings(dtype="float32"), "cpu")["dtype"] == "float32"
+    monkeypatch.setattr(vllm_cpu, "cpu_has_bf16", lambda: False)
+    assert engine_args(VllmSettings(), "cpu")["dtype"] == "float32"
+    assert "dtype" not in engine_args(VllmSettings(), "gpu")  # the model's own dtype
+    assert engine_args(VllmSettings(dtype="bfloat16"), "gpu")["dtype"] == "bfloat16"
+    # The embedded recipe pins float32 everywhere: its greedy references are float32.
+    recipe = load_recipe("tiny-eagle3")
+    assert recipe.vllm.dtype == recipe.serving.vllm.dtype == "float32"
 
 
 def test_malformed_prompt_records_are_quarantined_line_by_line(tmp_path):

@@ -19,5 +19,7 @@ def engine_args(settings: VllmSettings | None, device: str) -> dict[str, Any]:
     if device == "cpu":
         from draftsmith.engines.vllm_cpu import cpu_engine_kwargs
 
-        kwargs.update(cpu_engine_kwargs())
+        kwargs.update(cpu_engine_kwargs(settings.dtype))
+    elif settings.dtype != "auto":
+        kwargs["dtype"] = settings.dtype
     return kwargs

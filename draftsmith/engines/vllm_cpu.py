@@ -2,20 +2,43 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 GIB = 1 << 30
 
 
-def cpu_engine_kwargs() -> dict[str, Any]:
-    """float32 (the CPU kernels' dtype for these models) and an explicit KV-cache size.
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles): the flags Linux reports."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def cpu_dtype(dtype: str) -> str:
+    """The engine dtype on this CPU: `auto` is bfloat16 where the CPU has native bfloat16, else float32."""
+    if dtype != "auto":
+        return dtype
+    if cpu_has_bf16():
+        return "bfloat16"
+    log.info("this CPU has neither AVX512-BF16 nor AMX: vLLM runs in float32 (vllm.dtype=auto)")
+    return "float32"
+
+
+def cpu_engine_kwargs(dtype: str = "auto") -> dict[str, Any]:
+    """The compute dtype (see `cpu_dtype`) and an explicit KV-cache size.
 
     Without a KV-cache size vLLM reserves 92% of the NUMA node's memory and refuses to start when other processes
     (Ray, a trainer) hold more than 8% of it. `VLLM_CPU_KVCACHE_SPACE` (GiB) overrides the 1 GiB default.
     """
     gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1)
-    return {"dtype": "float32", "kv_cache_memory_bytes": int(gib * GIB)}
+    return {"dtype": cpu_dtype(dtype), "kv_cache_memory_bytes": int(gib * GIB)}
 
 
 def fix_cpu_expand_kernel() -> None:

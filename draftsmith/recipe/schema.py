@@ -139,6 +139,11 @@ class VllmSettings(Strict):
         "process of its own and runs the worker there (vLLM's single-process executor, on CPU; GPU replicas keep "
         "Ray Serve LLM's executor). Scheduling no longer overlaps the model step, and vLLM's CPU thread binding "
         "before torch loads is skipped: for short runs and small models.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="The engine's compute dtype. auto: on a CPU, bfloat16 where it has AVX512-BF16 or AMX "
+        "(SmolLM2-135M on 2 such cores: 41 against 27 tokens/s at batch 1, 503 against 243 at batch 16), float32 "
+        "elsewhere (with a log line saying so); on a GPU, the model's own dtype. float32 where greedy output must "
+        "match a float32 reference (the embedded base's).")
 
 
 # ---------------------------------------------------------------------------------------------- synthesis

@@ -7,8 +7,8 @@ unless the version was registered with `tracking.bundle_base=false`, when the mo
 is used.
 On a machine without CUDA it runs vLLM's CPU build with the export's CPU draft variant. vLLM compiles the model
 unless the model config says `enforce_eager: true` (at load: `load_model(uri, model_config={"enforce_eager": True})`),
-and runs its engine core and worker in processes of their own unless it says `in_process: true` (as the recipe's
-`vllm` settings mean them).
+runs its engine core and worker in processes of their own unless it says `in_process: true`, and computes in
+`dtype` (default auto: bfloat16 on CPUs with AVX512-BF16 or AMX), as the recipe's `vllm` settings mean them.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ class SpeculativeDraftModel(PythonModel):
         # `enforce_eager` and `in_process` (the model config's, overridable at load time:
         # `load_model(uri, model_config={...})`); in process: the engine core and worker in this process.
         settings = VllmSettings(enforce_eager=bool(config.get("enforce_eager", False)),
-                                in_process=bool(config.get("in_process", False)))
+                                in_process=bool(config.get("in_process", False)),
+                                dtype=config.get("dtype", "auto"))
         os.environ.update(engine_env(settings))
         kwargs = engine_args(settings, device)
         base = context.artifacts.get("base") or config["base_model"]  # bundled, or a path on shared storage
