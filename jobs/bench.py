@@ -17,6 +17,7 @@ import ray
 
 from draftsmith import cluster, tracking
 from draftsmith.bench.embedded_base import build_section, throughput_section
+from draftsmith.bench.engine_dtype import dtype_section
 from draftsmith.bench.engine_modes import engine_mode_section
 from draftsmith.bench.report import write_results
 from draftsmith.bench.serving import serving_section
@@ -51,7 +52,8 @@ def main() -> int:
             training = training_section(model_dir, recipe)
         finally:
             ray.shutdown()  # free the cores before measuring plain generation
-        sections = [build_section(model_dir), throughput_section(model_dir), engine_mode_section(model_dir), synthesis,
+        sections = [build_section(model_dir), throughput_section(model_dir), engine_mode_section(model_dir),
+                    dtype_section(), synthesis,
                     training, *speculation, serving]
         results = write_results(sections, Path(args.out), command_line())
         tracking.log_artifact(results.parent)

@@ -254,7 +254,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", required=True, help="JSON list of engines and their runs (see above)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, the model's dtype on GPUs")
+    parser.add_argument("--dtype", default=None, help="default: the engine settings' dtype (vllm.dtype)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--engine-settings", default="{}", help="the recipe's `vllm` section as JSON")
     args = parser.parse_args()
