@@ -144,3 +144,15 @@ def test_dataset_stage_trains_on_a_model_with_a_published_template(tiny_base, lo
     with pytest.raises(DraftDataError, match="none of the 12 .* differently from the whole conversation"):
         prepare_training_data([str(data)], model_dir, tmp_path / "out2", max_seq_len=512, validation_share=0.5,
                               max_bad_share=0.0, vocab_size=len(tokenizer))
+
+
+def test_a_turn_cut_at_its_token_limit_does_not_teach_its_stop_token(tiny_base):
+    """Synthesis records a turn cut at max_tokens_per_turn; the template still closes it with its stop token,
+    which the base never chose there: that one token leaves the mask, the rest of the turn stays."""
+    chatml, _ = tokenizer_for(tiny_base, "chatml-smollm2")
+    messages = conversation(system=True)
+    ids, mask = assistant_mask(chatml, messages, truncated=[True, False])
+    assert masked_runs(chatml, ids, mask) == [ANSWERS[0], f"{ANSWERS[1]}<|im_end|>"]
+    tagged = AutoTokenizer.from_pretrained(tiny_base)  # the generation-tags path: the same rule
+    ids, mask = assistant_mask(tagged, messages, truncated=[False, True])
+    assert masked_runs(tagged, ids, mask) == [f"{ANSWERS[0]}{tagged.eos_token}", ANSWERS[1]]

@@ -72,15 +72,39 @@ def assistant_spans(tokenizer, messages: list[dict[str, Any]], stops: Sequence[s
     return full, spans
 
 
-def assistant_mask(tokenizer, messages: list[dict[str, Any]], eos_token_ids: Sequence[int] = ()
-                   ) -> tuple[list[int], list[int]]:
-    """(input ids, 1 for every assistant token) of `messages` rendered by the tokenizer's chat template."""
+def assistant_mask(tokenizer, messages: list[dict[str, Any]], eos_token_ids: Sequence[int] = (),
+                   truncated: Sequence[bool] = ()) -> tuple[list[int], list[int]]:
+    """(input ids, 1 for every assistant token) of `messages` rendered by the tokenizer's chat template.
+
+    `truncated[n]` says assistant turn n was cut at a length limit (synthesis records it): the stop token the
+    template closes it with was never the model's choice, so it is left out of the mask."""
+    stops = stop_tokens(tokenizer, eos_token_ids)
     if has_generation_tags(tokenizer.chat_template):
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
-        return list(out["input_ids"]), [int(m) for m in out["assistant_masks"]]
-    full, spans = assistant_spans(tokenizer, messages, stop_tokens(tokenizer, eos_token_ids))
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [int(any(tok_end > start and tok_start < end for start, end in spans))
-            for tok_start, tok_end in encoded["offset_mapping"]]
-    return list(encoded["input_ids"]), mask
+        ids, mask = list(out["input_ids"]), [int(m) for m in out["assistant_masks"]]
+    else:
+        full, spans = assistant_spans(tokenizer, messages, stops)
+        encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        mask = [int(any(tok_end > start and tok_start < end for start, end in spans))
+                for tok_start, tok_end in encoded["offset_mapping"]]
+    if any(truncated):
+        _unmask_forced_stops(ids, mask, truncated, set(tokenizer.convert_tokens_to_ids(stops)))
+    return ids, mask
+
+
+def _unmask_forced_stops(ids: list[int], mask: list[int], truncated: Sequence[bool], stop_ids: set[int]) -> None:
+    """Clear the trailing stop tokens of each truncated turn's run of masked tokens (runs are turns, in order)."""
+    runs, start = [], None
+    for i, keep in enumerate([*mask, 0]):
+        if keep and start is None:
+            start = i
+        elif not keep and start is not None:
+            runs.append((start, i))
+            start = None
+    for (begin, end), cut in zip(runs, truncated, strict=False):
+        position = end - 1
+        while cut and position >= begin and ids[position] in stop_ids:
+            mask[position] = 0
+            position -= 1

@@ -69,6 +69,12 @@ def _generation_eos_ids(base_dir: str) -> list[int]:
     return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
 
+def _truncated_turns(record: dict[str, Any]) -> list[bool]:
+    """Per assistant turn, whether synthesis cut it at its token limit (its `stats`; other data has none)."""
+    turns = (record.get("stats") or {}).get("turns") or []
+    return [isinstance(t, dict) and t.get("finish_reason") == "length" for t in turns]
+
+
 def tokenize_files(batch: dict[str, np.ndarray], **settings: Any) -> dict[str, list]:
     """Ray Data task: TokenizeFiles on one batch of paths. A task rather than an actor pool: Ray keeps a task's
     worker process (its transformers import, its tokenizer) for the next execution of the same job, where an
@@ -98,7 +104,7 @@ class TokenizeFiles:
             if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
                 raise ValueError("no assistant turn with text: nothing for the draft to learn")
             try:
-                ids, mask = assistant_mask(self.tokenizer, messages, self.eos_token_ids)
+                ids, mask = assistant_mask(self.tokenizer, messages, self.eos_token_ids, _truncated_turns(record))
             except ChatTemplateMaskError:
                 raise
             except Exception as exc:  # the template's own errors (e.g. role order) name the problem
