@@ -128,6 +128,22 @@ def test_gate_decisions():
     promote, reason = decide({**new, "greedy_identical": False, "greedy_mismatched": [2]}, None, None, 0.0)
     assert not promote and "differs" in reason and "[2]" in reason
 
+    # A free baseline that is faster refuses even the first version, and says what to serve instead.
+    ngram = {"speedup_vs_base": 1.3, "acceptance_length": 2.8,
+             "speculative_config": {"method": "ngram", "num_speculative_tokens": 3}}
+    promote, reason = decide({**new, "speedup_vs_base": 0.9}, None, None, 0.0, {"ngram": ngram})
+    assert not promote and "speedup 0.900x over the base < ngram's 1.300x" in reason and "'method': 'ngram'" in reason
+    assert decide({**new, "speedup_vs_base": 1.4}, None, None, 0.0, {"ngram": ngram}) == (True, "no champion yet")
+    promote, reason = decide({**new, "speedup_vs_base": 1.4}, {"acceptance_length": 2.6}, "3", 0.0, {"ngram": ngram})
+    assert not promote and "champion v3" in reason  # beating the baseline is necessary, not sufficient
+
+
+def test_recipe_gate_baselines():
+    assert load_recipe("tiny-eagle3").evaluation.gate_baselines == []  # the toy base: see the recipe
+    assert load_recipe("llama3.1-8b-eagle3").evaluation.gate_baselines == ["ngram"]  # the default
+    with pytest.raises(RecipeError, match="gate_baselines"):
+        load_recipe("tiny-eagle3", ["evaluation.gate_baselines=[suffix]"])
+
 
 # ------------------------------------------------------------------------------------------------- slow
 def _printed_json(stdout: str) -> dict:
@@ -221,3 +237,14 @@ def test_gate_promotes_a_better_draft_and_refuses_a_worse_one(flow, mlflow_serve
     assert client.get_model_version_by_alias(name, "challenger").version == weak
     assert client.get_model_version(name, weak).tags["draftsmith.gate"] == "refused"
 
+
+    # With the free baseline in the gate (the default outside the toy recipe), the untrained draft also loses to
+    # n-gram lookup, which needs no training: refused for that, and the decision names n-gram's config.
+    against_ngram = run_job_here("jobs.register", *job_args, "--set", "evaluation.gate_baselines=[ngram]",
+                                 "--gate", weak)
+    assert against_ngram.returncode == 0, against_ngram.stderr[-3000:]
+    decision = _printed_json(against_ngram.stdout)
+    ngram = decision["baselines"]["ngram"]
+    assert ngram["greedy_identical"] and ngram["speedup_vs_base"] > decision["new"]["speedup_vs_base"], decision
+    assert not decision["promoted"] and "ngram's" in decision["reason"], decision
+    assert decision["recommended_speculative_config"]["method"] == "ngram"

