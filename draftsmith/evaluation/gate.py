@@ -63,9 +63,12 @@ def _measure(new: DraftUnderTest, champion: DraftUnderTest | None, runs: list[di
     return _gate_numbers(new_row), (_gate_numbers(champion_row) if champion_row is not None else None), measured
 
 
-def best_baseline(baselines: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
-    scored = [(name, b) for name, b in baselines.items() if b.get("speedup_vs_base") is not None]
-    return max(scored, key=lambda item: item[1]["speedup_vs_base"]) if scored else None
+def faster_baseline(new: dict[str, Any], baselines: dict[str, dict[str, Any]] | None
+                    ) -> tuple[str, dict[str, Any]] | None:
+    """(name, numbers) of the best free baseline when it is faster than the new version's draft, else None."""
+    scored = [(name, b) for name, b in (baselines or {}).items() if b.get("speedup_vs_base") is not None]
+    best = max(scored, key=lambda item: item[1]["speedup_vs_base"]) if scored else None
+    return best if best is not None and (new.get("speedup_vs_base") or 0.0) < best[1]["speedup_vs_base"] else None
 
 
 def decide(new: dict[str, Any], champion: dict[str, Any] | None, champion_version: str | None, margin: float,
@@ -74,9 +77,9 @@ def decide(new: dict[str, Any], champion: dict[str, Any] | None, champion_versio
     if not new["greedy_identical"]:
         return False, (f"greedy output with the draft differs from the base's on conversations "
                        f"{new['greedy_mismatched']}: the draft is not lossless in this engine")
-    best = best_baseline(baselines or {})
-    if best is not None and (new.get("speedup_vs_base") or 0.0) < best[1]["speedup_vs_base"]:
-        name, numbers = best
+    faster = faster_baseline(new, baselines)
+    if faster is not None:
+        name, numbers = faster
         return False, (f"speedup {new.get('speedup_vs_base') or 0.0:.3f}x over the base < {name}'s "
                        f"{numbers['speedup_vs_base']:.3f}x (acceptance length {new['acceptance_length']:.3f} against "
                        f"{numbers['acceptance_length']:.3f}): a free baseline is faster; serve its speculative config "
@@ -106,14 +109,13 @@ def promotion_gate(*, name: str, version: str, draft: DraftUnderTest, settings: 
         promote, reason = True, "already the champion"  # a re-run of the register stage
     else:
         promote, reason = decide(new, champion, champion_version, settings.gate_margin, baselines)
-    best = best_baseline(baselines)
-    faster = best is not None and (new.get("speedup_vs_base") or 0.0) < best[1]["speedup_vs_base"]
+    faster = faster_baseline(new, baselines)
     alias = "champion" if promote else "challenger"
     set_alias(name, alias, version)
     decision = {"name": name, "version": version, "alias": alias, "promoted": promote, "reason": reason,
                 "gate_set": settings.gate_set, "conversations": len(sets[0].conversations), "margin": settings.gate_margin,
                 "new": new, "champion_version": champion_version, "champion": champion, "baselines": baselines,
-                "recommended_speculative_config": best[1]["speculative_config"] if faster else None}
+                "recommended_speculative_config": faster[1]["speculative_config"] if faster else None}
     tag_version(name, version, {"draftsmith.gate": "promoted" if promote else "refused",
                                 "draftsmith.gate_reason": reason[:4000],
                                 "draftsmith.gate_acceptance_length": f"{new['acceptance_length']:.4f}"})
