@@ -37,11 +37,17 @@ def main() -> int:
         report = summary(run_recipe(recipe, until="evaluate"))["evaluate"]
         print(Path(report["outputs"]["markdown"]).read_text())
         return 0
+    heldout = None
+    if recipe.data.heldout_prompts() and any(s.path is None for s in recipe.evaluation.prompt_sets):
+        # the self-generated held-out prompts: the pipeline's prompts stage (skipped when done)
+        held = run_recipe(recipe, until="prompts")["prompts"].outputs["heldout"]
+        heldout = Path(held) if held else None
     tracking.configure(recipe.tracking, recipe.output_dir)
     out = args.out or recipe.run_dir() / "evaluations" / time.strftime("%Y%m%d-%H%M%S")
     with tracking.start_run("evaluate", tags={"draftsmith.recipe": recipe.name,
                                               "draftsmith.evaluated": args.model or str(args.export)}):
         draft = resolve_draft(args.model or args.export, args.base)
+        draft.heldout = heldout
         report = evaluate_draft(draft, recipe.evaluation, out, device=eval_device(recipe), vllm=recipe.vllm)
     print((out / "evaluation.md").read_text())
     print(json.dumps({"report": str(out / "evaluation.json")}))

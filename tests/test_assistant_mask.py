@@ -4,36 +4,16 @@ tokenizer configs; see SOURCES.md there), none of which carries `{% generation %
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import AddedToken
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from chat_templates import MODELS, tokenizer_for
 from draftsmith.embedded.tokenizer import CHAT_TEMPLATE
 from draftsmith.training.assistant_mask import ChatTemplateMaskError, assistant_mask, has_generation_tags
 from draftsmith.training.draft_data import DraftDataError, prepare_training_data
 
-TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
-
-# Per template: its special tokens, (bos, eos) as the model's tokenizer config sets them, the generation
-# config's extra end-of-turn tokens, whether it takes a system message, and what ends an assistant turn.
-MODELS = {
-    "llama3.1": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                  "<|eot_id|>", "<|eom_id|>"], ("<|begin_of_text|>", "<|eot_id|>"),
-                 ["<|end_of_text|>", "<|eom_id|>"], True, "<|eot_id|>"),
-    "qwen2.5": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], (None, "<|im_end|>"), ["<|endoftext|>"], True,
-                "<|im_end|>"),
-    "qwen3": (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"], (None, "<|im_end|>"),
-              ["<|endoftext|>"], True, "<|im_end|>"),
-    "chatml-smollm2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ("<|im_start|>", "<|im_end|>"), [], True,
-                       "<|im_end|>"),
-    "mistral": (["<s>", "</s>"], ("<s>", "</s>"), [], True, "</s>"),
-    # Gemma's tokenizer EOS is <eos>; its turns end with <end_of_turn>, which only its generation config names.
-    "gemma2": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], ("<bos>", "<eos>"), ["<end_of_turn>"], False,
-               "<end_of_turn>"),
-}
 ANSWERS = ["Hello! How can I help?", "12 + 7 = 19."]
 
 
@@ -41,16 +21,6 @@ def conversation(system: bool) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": "Be brief."}] if system else []
     return messages + [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": ANSWERS[0]},
                        {"role": "user", "content": "What is 12 plus 7?"}, {"role": "assistant", "content": ANSWERS[1]}]
-
-
-def tokenizer_for(base_dir: Path, name: str):
-    """The test base's byte-level BPE with the model's special tokens, its bos/eos and its published template."""
-    special, (bos, eos), extra_eos, _, _ = MODELS[name]
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in special], special_tokens=True)
-    tokenizer.bos_token, tokenizer.eos_token = bos, eos
-    tokenizer.chat_template = (TEMPLATES / f"{name}.jinja").read_text()
-    return tokenizer, [tokenizer.convert_tokens_to_ids(t) for t in extra_eos]
 
 
 def masked_runs(tokenizer, ids: list[int], mask: list[int]) -> list[str]:

@@ -14,7 +14,8 @@ conversations (`messages` to answer, then optional `followups`: later user turns
 own previous answer, as in MT-bench), a temperature, `max_tokens` and a `concurrency` (requests in flight at
 once). Per run the result holds each conversation's generated turns (token ids, text), wall time, output
 tokens/s, per-request time to first token and time per output token, and, with a speculative config, vLLM's
-speculative-decoding counters over that run alone.
+speculative-decoding counters over that run alone. A completion run (`completion_run`) instead samples a raw
+token prompt many times (self-generated prompts) and returns the samples.
 """
 
 from __future__ import annotations
@@ -153,6 +154,15 @@ def run_vllm_chat(model: str | Path, conversations: list[list[dict[str, str]]], 
                                       device=device, dtype=dtype, timeout_s=timeout_s, vllm=vllm)[0])
 
 
+def completion_run(name: str, prompt_token_ids: list[int], count: int, *, temperature: float, top_p: float,
+                   max_tokens: int, seed: int, stop_token_ids: list[int] = (), stop: list[str] = ()) -> dict[str, Any]:
+    """`count` samples continuing one raw token prompt (no chat template: the caller rendered it), each with its
+    own seed, all in flight at once."""
+    return {"name": name, "prompt_token_ids": list(prompt_token_ids), "count": count, "temperature": temperature,
+            "top_p": top_p, "max_tokens": max_tokens, "seed": seed, "stop_token_ids": list(stop_token_ids),
+            "stop": list(stop)}
+
+
 # --------------------------------------------------------------------------------------- the child process
 def _seed(run: str, index: int, turn: int) -> int:
     """Per-request sampling seed: the same request samples the same way with and without a draft."""
@@ -225,13 +235,32 @@ def _generate_run(llm, run: dict[str, Any], speculative: bool, max_model_len: in
             "spec_decode": spec_decode_delta(before, _counters(llm)) if speculative else None}
 
 
+def _complete_run(llm, run: dict[str, Any]) -> dict[str, Any]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt = TokensPrompt(prompt_token_ids=run["prompt_token_ids"])
+    params = [SamplingParams(temperature=float(run["temperature"]), top_p=float(run["top_p"]),
+                             max_tokens=int(run["max_tokens"]), seed=_seed(run["name"], int(run["seed"]), i),
+                             stop_token_ids=run["stop_token_ids"] or None, stop=run["stop"] or None)
+              for i in range(int(run["count"]))]
+    started = time.perf_counter()
+    outputs = llm.generate([prompt] * len(params), params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    samples = [{"text": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids),
+                "finish_reason": o.outputs[0].finish_reason} for o in outputs]
+    generated = sum(len(x["token_ids"]) for x in samples)
+    return {"name": run["name"], "samples": samples, "seconds": seconds, "output_tokens": generated,
+            "output_tokens_per_s": generated / seconds if seconds > 0 else 0.0}
+
+
 def _warm_up(llm, runs: list[dict[str, Any]]) -> None:
     """One short untimed request before an engine's timed runs: its first call pays one-time costs (n-gram
     speculation JIT-compiles its numba proposer then: on the embedded base's short gate set that alone made n-gram
     measure 0.17x the base). Counters are taken per run, so this request counts nowhere."""
     from vllm import SamplingParams
 
-    first = next((r["conversations"][0] for r in runs if r["conversations"]), None)
+    first = next((r["conversations"][0] for r in runs if r.get("conversations")), None)
     if first is not None:
         llm.chat([list(first["messages"])], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
 
@@ -253,7 +282,8 @@ def _generate(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
                   disable_log_stats=False, **({"speculative_config": speculative} if speculative else {}), **kwargs)
         try:
             _warm_up(llm, engine["runs"])
-            results.append([_generate_run(llm, run, bool(speculative), engine["max_model_len"])
+            results.append([_complete_run(llm, run) if "prompt_token_ids" in run
+                            else _generate_run(llm, run, bool(speculative), engine["max_model_len"])
                             for run in engine["runs"]])
         finally:
             llm.llm_engine.engine_core.shutdown()

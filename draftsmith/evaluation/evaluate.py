@@ -34,11 +34,15 @@ class DraftUnderTest:
     export_dir: Path
     base_dir: Path
     registry_version: dict[str, str] | None = None
+    heldout: Path | None = None  # the prompts stage's held-out prompts, when the pipeline knows them
 
     def heldout_file(self) -> Path | None:
-        """The embedded base's held-out conversations (None for other bases)."""
+        """The held-out prompts of a set with no path: the prompts stage's, else the embedded base's (None for
+        other bases)."""
         from draftsmith.embedded.build import HELDOUT_FILE
 
+        if self.heldout is not None:
+            return self.heldout
         path = self.base_dir / HELDOUT_FILE
         return path if path.is_file() else None
 

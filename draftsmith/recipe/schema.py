@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 
 class Strict(BaseModel):
@@ -108,17 +108,66 @@ class DraftSettings(Strict):
 
 
 # -------------------------------------------------------------------------------------------------- data
-class DataSource(Strict):
+class FileSource(Strict):
+    """A prompt dataset the user has."""
+
+    kind: Literal["file"] = "file"
     path: str = Field(description="A jsonl or parquet file, or a folder of them.")
     format: Literal["auto", "openai", "sharegpt", "mtbench"] = "auto"
 
 
+class SelfGeneratedSource(Strict):
+    """Prompts the base writes itself (the Magpie technique): the chat template's user-turn prefix, sampled
+    until the end-of-turn token, then filtered, deduplicated and split into training and held-out prompts."""
+
+    kind: Literal["self_generated"]
+    num_prompts: int = Field(2000, gt=0, description="Prompts kept for synthesis (after filtering).")
+    num_heldout: int = Field(100, ge=0, description="More prompts kept apart for evaluation (a prompt set with no "
+                             "path), never trained on and never near-duplicates of training prompts.")
+    system_prompt: str | None = Field(None, description="A system turn before the user turn; None renders "
+                                      "whatever the template does without one (SmolLM2's adds its own).")
+    temperature: float = Field(1.0, gt=0, description="Sampling the user turns: high for variety.")
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(128, gt=0, description="Longest user turn; a turn cut here is dropped.")
+    min_chars: int = Field(16, ge=1)
+    max_chars: int = Field(1000, gt=0)
+    max_non_ascii_share: float = Field(
+        0.02, ge=0, le=1, description="The language filter: drop a prompt with more non-ASCII characters than "
+        "this share (1 keeps every script). A cheap stand-in for language identification, which needs a model.")
+    max_repeated_share: float = Field(0.3, ge=0, le=1, description="Drop a prompt whose word 3-grams repeat "
+                                      "more than this share (degenerate loops).")
+    near_duplicate_jaccard: float = Field(0.7, gt=0, le=1, description="Drop a prompt whose word 3-gram set "
+                                          "overlaps a kept one by at least this Jaccard similarity.")
+    oversample: float = Field(1.5, ge=1, description="Requests per prompt still needed, each round.")
+    max_rounds: int = Field(4, gt=0, description="Sampling rounds before giving up with what was kept.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SelfGeneratedSource:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) > max_chars ({self.max_chars})")
+        return self
+
+
+def _source_kind(value: Any) -> str:
+    return value.get("kind", "file") if isinstance(value, dict) else getattr(value, "kind", "file")
+
+
+DataSource = Annotated[Annotated[FileSource, Tag("file")] | Annotated[SelfGeneratedSource, Tag("self_generated")],
+                       Discriminator(_source_kind)]
+
+
 class DataSettings(Strict):
     sources: list[DataSource] = Field(
-        default_factory=list, description="Prompt datasets; empty means the embedded base's generated prompts."
+        default_factory=list, description="Where the prompts come from, mixed: files (`path`, `format`) and prompts "
+        "the base writes itself (`kind: self_generated`). Empty means the embedded base's generated prompts."
     )
     num_prompts: int = Field(2000, gt=0, description="Generated prompts used when `sources` is empty.")
     max_bad_share: float = Field(0.05, ge=0, le=1, description="Fail when more records than this are quarantined.")
+
+    def heldout_prompts(self) -> int:
+        """Prompts the self-generated sources hold out for evaluation."""
+        return sum(s.num_heldout for s in self.sources if isinstance(s, SelfGeneratedSource))
 
 
 # ------------------------------------------------------------------------------------------------- engines
@@ -251,7 +300,8 @@ class PromptSet(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Names the set in reports and MLflow metrics.")
     path: str | None = Field(None, description="jsonl/parquet of prompts (OpenAI `messages`, ShareGPT "
                              "`conversations` or MT-bench `turns`; multi-turn is asked turn by turn); None means the "
-                             "embedded base's held-out conversations.")
+                             "held-out prompts of the prompts stage: the embedded base's held-out conversations, "
+                             "or the held-out share of self-generated prompts.")
     format: Literal["auto", "openai", "sharegpt", "mtbench"] = "auto"
     limit: int | None = Field(None, gt=0, description="Use the first this many conversations.")
 
@@ -410,10 +460,11 @@ class Recipe(Strict):
                     "datasets (the generated prompts exist only for the embedded base)"
                 )
             generated = [p.name for p in self.evaluation.prompt_sets if p.path is None]
-            if generated:
+            if generated and not self.data.heldout_prompts():
                 raise ValueError(
-                    f"evaluation.prompt_sets {generated} have no path; only the embedded base has generated "
-                    "held-out prompts, so give each set a path"
+                    f"evaluation.prompt_sets {generated} have no path, and no data source holds prompts out "
+                    "(a `self_generated` source with num_heldout > 0; otherwise only the embedded base has "
+                    "held-out prompts), so give each set a path"
                 )
         names = [p.name for p in self.evaluation.prompt_sets]
         if self.evaluation.gate_set not in names:

@@ -21,9 +21,15 @@ def eval_device(recipe: Recipe) -> str:
     return "gpu" if recipe.training.use_gpu else "cpu"
 
 
+def heldout_prompts(ctx: StageContext) -> Path | None:
+    """The prompts stage's held-out prompts (a prompt set with no path), if it has any."""
+    heldout = ctx.upstream["prompts"].outputs.get("heldout")
+    return Path(heldout) if heldout else None
+
+
 class EvaluateStage(Stage):
     name = "evaluate"
-    depends_on = ("base", "export")
+    depends_on = ("base", "prompts", "export")
 
     def needs_ray(self, recipe: Recipe) -> bool:
         return False  # vLLM in child processes
@@ -34,6 +40,7 @@ class EvaluateStage(Stage):
 
     def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         draft = from_export(ctx.upstream["export"].outputs["export_dir"], ctx.upstream["base"].outputs["model_dir"])
+        draft.heldout = heldout_prompts(ctx)
         report = evaluate_draft(draft, ctx.recipe.evaluation, out_dir, device=eval_device(ctx.recipe),
                                 vllm=ctx.recipe.vllm)
         greedy = [r for r in report["rows"] if r["temperature"] == 0]

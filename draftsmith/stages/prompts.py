@@ -1,16 +1,23 @@
-"""Stage `prompts`: the conversations synthesis answers and the held-out prompt set evaluation uses."""
+"""Stage `prompts`: the conversations synthesis answers and the held-out prompts evaluation uses.
+
+Files in `data.sources` are recorded (synthesis reads, validates and quarantines them); `self_generated` sources
+are sampled from the base here, each written once (a re-run after a crash reuses the sources already written);
+with no sources at all, the embedded base's generator writes them.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from draftsmith import tracking
+from draftsmith.embedded.build import HELDOUT_FILE as EMBEDDED_HELDOUT_FILE
 from draftsmith.embedded.build import heldout_conversations
 from draftsmith.embedded.conversations import Conversation, conversation_key, generate_conversations
-from draftsmith.jsonl import write_jsonl
+from draftsmith.jsonl import read_jsonl, write_jsonl
 from draftsmith.pipeline.stage import Stage, StageContext
-from draftsmith.recipe.schema import Recipe
+from draftsmith.recipe.schema import FileSource, Recipe, SelfGeneratedSource
 
 PROMPTS_FILE = "prompts.jsonl"
 HELDOUT_FILE = "heldout.jsonl"
@@ -19,27 +26,69 @@ HELDOUT_FILE = "heldout.jsonl"
 _PROMPT_SEED_OFFSET = 7
 
 
+def prompts_device(recipe: Recipe) -> str:
+    return "gpu" if recipe.synthesis.use_gpu else "cpu"
+
+
 class PromptsStage(Stage):
     name = "prompts"
-    version = 3  # sources carry their format, as absolute paths
+    version = 4  # self-generated sources; the held-out file is always named
     depends_on = ("base",)
 
     def needs_ray(self, recipe: Recipe) -> bool:
-        return False  # files only
+        return False  # files, and vLLM in a child process for self-generated prompts
 
     def settings(self, recipe: Recipe) -> dict[str, Any]:
+        generates = any(isinstance(s, SelfGeneratedSource) for s in recipe.data.sources)
         return {
             "sources": [s.model_dump(mode="json") for s in recipe.data.sources],
             "num_prompts": recipe.data.num_prompts if not recipe.data.sources else None,
+            **({"vllm": recipe.vllm.model_dump(mode="json"), "device": prompts_device(recipe)} if generates else {}),
         }
 
     def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         recipe = ctx.recipe
-        if recipe.data.sources:
-            # User datasets are read, validated and quarantined by synthesis; this stage only records them.
-            return {"sources": [{"path": str(Path(s.path).expanduser().resolve()), "format": s.format}
-                                for s in recipe.data.sources], "generated": False}
         base_dir = Path(ctx.upstream["base"].outputs["model_dir"])
+        if not recipe.data.sources:
+            return self._embedded(recipe, base_dir, out_dir)
+        sources, heldout, metrics = [], [], {}
+        for n, source in enumerate(recipe.data.sources):
+            if isinstance(source, FileSource):
+                sources.append({"path": str(Path(source.path).expanduser().resolve()), "format": source.format})
+                continue
+            path, held, stats = self._self_generated(recipe, base_dir, source, n, out_dir)
+            sources.append({"path": str(path.resolve()), "format": "openai"})
+            heldout += held
+            metrics.update({f"self_generated{n}/{k}": float(v) for k, v in stats.items()
+                            if isinstance(v, int | float)})
+        heldout_file = None
+        if heldout:
+            heldout_file = str(write_jsonl(out_dir / HELDOUT_FILE, heldout).resolve())
+        elif (base_dir / EMBEDDED_HELDOUT_FILE).is_file():
+            heldout_file = str((base_dir / EMBEDDED_HELDOUT_FILE).resolve())
+        if metrics:
+            tracking.log_metrics(metrics)
+        return {"sources": sources, "heldout": heldout_file, "generated": bool(metrics)}
+
+    def _self_generated(self, recipe: Recipe, base_dir: Path, source: SelfGeneratedSource, n: int,
+                        out_dir: Path) -> tuple[Path, list[dict[str, Any]], dict[str, Any]]:
+        """One self-generated source's prompts file, its held-out records and its figures (written last, so a
+        source with a stats file is whole and a re-run reuses it)."""
+        from draftsmith.synthesis.self_generated import generate_self_prompts
+
+        prompts_file, heldout_file = out_dir / f"self-generated-{n}.jsonl", out_dir / f"self-generated-{n}.heldout.jsonl"
+        stats_file = out_dir / f"self-generated-{n}.stats.json"
+        if not stats_file.is_file():
+            result = generate_self_prompts(base_dir, source, f"source{n}", device=prompts_device(recipe),
+                                           vllm=recipe.vllm)
+            write_jsonl(prompts_file, result.prompts)
+            write_jsonl(heldout_file, result.heldout)
+            write_jsonl(out_dir / f"self-generated-{n}.rejected.jsonl", result.rejected)
+            stats_file.write_text(json.dumps(result.stats, indent=2))
+            tracking.log_artifact(stats_file, "prompts")
+        return prompts_file, read_jsonl(heldout_file), json.loads(stats_file.read_text())
+
+    def _embedded(self, recipe: Recipe, base_dir: Path, out_dir: Path) -> dict[str, Any]:
         heldout = heldout_conversations(base_dir)
         corpus = recipe.base.embedded.corpus
         conversations = generate_conversations(

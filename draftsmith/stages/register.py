@@ -15,7 +15,7 @@ from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.recipe.schema import Recipe
 from draftsmith.registry.lineage import lineage_tags
 from draftsmith.registry.register import check_registry_name, register_export
-from draftsmith.stages.evaluate import eval_device
+from draftsmith.stages.evaluate import eval_device, heldout_prompts
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -23,7 +23,7 @@ RECIPE_FILE = "recipe.yaml"
 class RegisterStage(Stage):
     name = "register"
     version = 2  # the promotion gate
-    depends_on = ("base", "dataset", "synthesize", "train", "quantize", "qat", "export", "evaluate")
+    depends_on = ("base", "prompts", "dataset", "synthesize", "train", "quantize", "qat", "export", "evaluate")
 
     def needs_ray(self, recipe: Recipe) -> bool:
         return False  # MLflow, and vLLM in child processes for the gate
@@ -57,8 +57,10 @@ class RegisterStage(Stage):
         tracking.set_tags({"draftsmith.registered_model": result["name"],
                            "draftsmith.registered_version": result["version"]})
         if recipe.evaluation.gate:
+            draft = from_export(export_dir, base_dir)
+            draft.heldout = heldout_prompts(ctx)
             decision = promotion_gate(name=result["name"], version=result["version"],
-                                      draft=from_export(export_dir, base_dir), settings=recipe.evaluation,
+                                      draft=draft, settings=recipe.evaluation,
                                       out_dir=out_dir / "gate", device=eval_device(recipe),
                                       vllm=recipe.vllm)
             result.update(alias=decision["alias"], gate={k: decision[k] for k in
