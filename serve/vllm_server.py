@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 from ray.llm._internal.common.callbacks.base import CallbackBase, CallbackConfig
@@ -19,7 +20,8 @@ from transformers import AutoTokenizer
 
 from draftsmith.recipe.schema import ServingSettings
 from draftsmith.serving.limits import prompt_token_ids
-from draftsmith.engines.vllm_args import engine_args
+from draftsmith.engines.vllm_args import engine_args, engine_env
+from draftsmith.engines.vllm_cpu import use_cores
 from draftsmith.engines.vllm_metrics import engine_stats_snapshot
 from draftsmith.serving.model_source import materialize, resolve_device
 from serve.stats_board import start_reporting
@@ -86,6 +88,9 @@ class SpeculativeVLLMServer(LLMServer):
                  llm_config.engine_kwargs.get("speculative_config"))
         # GPU replicas keep Ray Serve LLM's executor (Ray's, placed on the replica's GPU bundle).
         in_core = settings.vllm.in_process and device == "cpu"
+        if device == "cpu":  # every core for the worker (see engine_env); the async engine keeps its core process
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = engine_env(None)["VLLM_CPU_NUM_OF_RESERVED_CPU"]
+            use_cores(settings.replicas if settings.autoscaling is None else settings.autoscaling.max_replicas)
         await super().__init__(llm_config, engine_cls=WorkerInCoreVLLMEngine if in_core else None)
         if stats_board is not None:
             self._reporting = start_reporting(stats_board, self.engine_stats)

@@ -31,6 +31,24 @@ def cpu_dtype(dtype: str) -> str:
     return "float32"
 
 
+def use_cores(engines_sharing: int = 1) -> int:
+    """Let the CPU engine this process starts compute on its share of the machine's cores; returns the threads.
+
+    Ray sets OMP_NUM_THREADS to an actor's `num_cpus` (1 for a synthesis actor or a Serve replica), so torch in the
+    actor, and a vLLM worker started from it, computed on one of the cores: SmolLM2's synthesis ran at 100% CPU on
+    2 cores. `engines_sharing` engines on this machine split the cores between them."""
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    threads = max(1, cores // max(1, engines_sharing))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def cpu_engine_kwargs(dtype: str = "auto") -> dict[str, Any]:
     """The compute dtype (see `cpu_dtype`) and an explicit KV-cache size.
 

@@ -43,6 +43,12 @@ class VLLMChatEngine:
         from vllm import LLM
 
         os.environ.update(engine_env(vllm))  # this actor's process is the engine's
+        if not settings.use_gpu:
+            # The actors share the cores (Ray gave each OMP_NUM_THREADS=1). Only the environment: an engine process
+            # started from here reads it; torch.set_num_threads here would set this thread's OpenMP count alone, and
+            # vLLM's CPU attention aborts when the thread that plans a step and the one that runs it disagree
+            # ("thread_num == thread_num (1 vs. 2)", seen with the engine in this actor's process).
+            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, settings.concurrency)))
         kwargs = engine_args(vllm, "gpu" if settings.use_gpu else "cpu")
         if settings.quantized_base:
             kwargs["quantization"] = "modelopt"
