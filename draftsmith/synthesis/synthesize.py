@@ -97,7 +97,11 @@ class RoundRunner:
             return
         log.info("round %d: %d requests from %d shards", k + 1, len(requests), len(states))
         size = self.settings.batch_size
+        started, tokens_before = time.perf_counter(), self.generated_tokens
         for lo in range(0, len(requests), size):
+            if lo:  # a line per batch: a long round shows progress in a terminal and a log file alike
+                log.info("round %d: %d of %d requests answered (%.0f generated tokens/s)", k + 1, lo, len(requests),
+                         (self.generated_tokens - tokens_before) / (time.perf_counter() - started))
             for result in self.engine.answer(requests[lo: lo + size]):
                 shard, index = map(int, str(result["key"]).split(":"))
                 self._apply(states[shard][index], k, result)
@@ -144,6 +148,8 @@ class ShardSynthesizer:
     """Ray Data actor: its engine starts once; each row it gets is a pending shard, whose rounds it runs."""
 
     def __init__(self, spec: EngineSpec, out_dir: str, rounds: int):
+        if not logging.getLogger().handlers:  # a Ray worker: its INFO lines (progress) reach the driver's output
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         self.engine = spec.build()
         self.runner = RoundRunner(Path(out_dir), spec.settings, AutoTokenizer.from_pretrained(spec.model_dir),
                                   self.engine)
