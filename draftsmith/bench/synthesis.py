@@ -55,7 +55,8 @@ def synthesis_section(model_dir: Path, settings: SynthesisSettings, num_prompts:
     section.add("plain vllm.LLM.chat, one process", plain["output_tokens"], plain_wall, plain_tps, 1.0)
     section.notes.append(f"{num_prompts} single-turn prompts, greedy, up to {max_tokens} tokens; wall time includes "
                          f"engine start-up for every row (plain generate alone: {plain['output_tokens_per_s']:,.0f} "
-                         "tokens/s). Every CPU engine's threads use all the cores (no core reserved, see "
-                         "draftsmith/engines/vllm_args.py), so on 2 cores a second actor overlaps start-up and "
-                         "shares the cores rather than adding compute.")
+                         "tokens/s). The actors split the cores (no core reserved, see "
+                         "draftsmith/engines/vllm_args.py and share_of_cores in vllm_cpu.py), so on 2 cores a "
+                         "second actor overlaps start-up and halves each engine's threads rather than adding "
+                         "compute.")
     return section

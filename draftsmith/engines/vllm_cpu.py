@@ -31,21 +31,37 @@ def cpu_dtype(dtype: str) -> str:
     return "float32"
 
 
-def use_cores(engines_sharing: int = 1) -> int:
-    """Let the CPU engine this process starts compute on its share of the machine's cores; returns the threads.
+def share_of_cores(engines_sharing: int = 1) -> int:
+    """Set OMP_NUM_THREADS to this process's share of the cores it may run on; returns that thread count.
 
-    Ray sets OMP_NUM_THREADS to an actor's `num_cpus` (1 for a synthesis actor or a Serve replica), so torch in the
-    actor, and a vLLM worker started from it, computed on one of the cores: SmolLM2's synthesis ran at 100% CPU on
-    2 cores. `engines_sharing` engines on this machine split the cores between them."""
-    import torch
-
+    Ray sets OMP_NUM_THREADS to an actor's `num_cpus` (1 for a synthesis actor or a Serve replica), so a vLLM engine
+    started from the actor computed on one core: SmolLM2's synthesis ran at 100% CPU on 2 cores. `engines_sharing`
+    engines on this machine split the cores between them. An engine process started from here reads the
+    environment; an engine in this process needs `compute_threads` too, in each thread that runs it."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     threads = max(1, cores // max(1, engines_sharing))
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
+    return threads
+
+
+def compute_threads(threads: int) -> None:
+    """torch's (OpenMP's) thread count in the calling thread: OpenMP keeps one per thread, and a Ray actor runs
+    its constructor and its calls in different threads. vLLM's CPU attention aborts when a step runs with a count
+    other than the one it was planned with ("thread_num == thread_num (1 vs. 2)"), so an in-process engine's
+    every calling thread sets the same count. vLLM's CPU worker replaces `torch.set_num_threads` with a no-op once
+    it has started; the binding underneath it is the one that sets the count."""
+    import torch
+
+    torch._C.set_num_threads(threads)
+
+
+def use_cores(engines_sharing: int = 1) -> int:
+    """`share_of_cores`, with torch's thread count set in the calling thread too; returns the thread count."""
+    threads = share_of_cores(engines_sharing)
+    compute_threads(threads)
     return threads
 
 

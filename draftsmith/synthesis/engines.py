@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from draftsmith.engines.vllm_args import engine_args, engine_env
+from draftsmith.engines.vllm_cpu import compute_threads, share_of_cores
 from draftsmith.recipe.schema import SynthesisSettings, VllmSettings
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,11 @@ class VLLMChatEngine:
         from vllm import LLM
 
         os.environ.update(engine_env(vllm))  # this actor's process is the engine's
-        if not settings.use_gpu:
-            # The actors share the cores (Ray gave each OMP_NUM_THREADS=1). Only the environment: an engine process
-            # started from here reads it; torch.set_num_threads here would set this thread's OpenMP count alone, and
-            # vLLM's CPU attention aborts when the thread that plans a step and the one that runs it disagree
-            # ("thread_num == thread_num (1 vs. 2)", seen with the engine in this actor's process).
-            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, settings.concurrency)))
+        # On CPU the actors share the cores; this one's engine computes in this process (vllm.in_process) or in a
+        # worker process that reads OMP_NUM_THREADS.
+        self.threads = None if settings.use_gpu else share_of_cores(settings.concurrency)
+        if self.threads is not None:
+            compute_threads(self.threads)
         kwargs = engine_args(vllm, "gpu" if settings.use_gpu else "cpu")
         if settings.quantized_base:
             kwargs["quantization"] = "modelopt"
@@ -72,6 +72,8 @@ class VLLMChatEngine:
         return results
 
     def answer(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.threads is not None:
+            compute_threads(self.threads)  # Ray calls the actor in another thread than the one that built it
         try:
             return self._generate(requests)
         except (ValueError, RuntimeError, TypeError) as exc:
