@@ -16,7 +16,7 @@ from conftest import DATA_OVERRIDES, FLOW, run_job_here
 from draftsmith.engines import vllm_cpu
 from draftsmith.engines.vllm_args import engine_args
 from draftsmith.engines.vllm_cpu import expand_batch_values, fix_cpu_expand_kernel
-from draftsmith.evaluation.gate import decide
+from draftsmith.evaluation.gate import decide, engine_dtype
 from draftsmith.evaluation.measure import BASE, DRAFT, summarize
 from draftsmith.evaluation.prompt_sets import PromptSetError, load_prompt_set
 from draftsmith.export.bundle import export_bundle
@@ -81,8 +81,16 @@ def test_cpu_engines_compute_on_every_core(monkeypatch):
         assert vllm_cpu.use_cores() == 4 and torch.get_num_threads() == 4
         assert vllm_cpu.use_cores(engines_sharing=2) == 2 and vllm_cpu.os.environ["OMP_NUM_THREADS"] == "2"
         assert vllm_cpu.use_cores(engines_sharing=8) == 1
+        # The environment alone leaves torch's count in this thread as it was; compute_threads sets it, even after
+        # vLLM's CPU worker has made torch.set_num_threads a no-op.
+        torch.set_num_threads(1)
+        assert vllm_cpu.share_of_cores(engines_sharing=2) == 2 and vllm_cpu.os.environ["OMP_NUM_THREADS"] == "2"
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+        vllm_cpu.compute_threads(3)
+        assert torch.get_num_threads() == 3
     finally:
-        torch.set_num_threads(threads)
+        torch._C.set_num_threads(threads)
 
 
 def test_long_generation_relays_vllm_progress_lines(tmp_path, monkeypatch, caplog):
@@ -184,6 +192,17 @@ def test_gate_decisions():
     assert decide(new, {"acceptance_length": 2.4}, "3", 0.1)[0]
     promote, reason = decide({**new, "greedy_identical": False, "greedy_mismatched": [2]}, None, None, 0.0)
     assert not promote and "differs" in reason and "[2]" in reason
+    # In bf16 a near-tie flips a greedy token whatever the draft: reported, not refused (float32 refuses, above).
+    promote, reason = decide({**new, "greedy_identical": False, "greedy_mismatched": [2]}, None, None, 0.0,
+                             exact_numerics=False)
+    assert promote and reason.startswith("no champion yet; greedy output") and "[2]" in reason
+    promote, reason = decide({**new, "greedy_identical": False, "greedy_mismatched": [2], "speedup_vs_base": 0.9},
+                             None, None, 0.0, {"ngram": {"speedup_vs_base": 1.3, "acceptance_length": 2.8,
+                                                         "speculative_config": {"method": "ngram"}}},
+                             exact_numerics=False)
+    assert not promote and "free baseline is faster" in reason and "reduced-precision" in reason
+    assert engine_dtype("gpu", VllmSettings()) == "bfloat16" and engine_dtype("cpu", VllmSettings(dtype="float32")) \
+        == "float32"
 
     # A free baseline that is faster refuses even the first version, and says what to serve instead.
     ngram = {"speedup_vs_base": 1.3, "acceptance_length": 2.8,

@@ -2,7 +2,8 @@
 current champion.
 
 Everything runs in this job on the same prompts (the recipe's gate set, greedy), one vLLM process: the new
-version's draft, the base without a draft (its greedy output must be identical with the draft), each of
+version's draft, the base without a draft (its greedy output must be identical with the draft where the engine
+computes in float32; see `decide`), each of
 `evaluation.gate_baselines` (speculation that needs no training, e.g. n-gram prompt lookup) on the same base, and
 the champion's draft on its own base. The new version is refused when its speedup over the base is below the best
 baseline's (the decision then names that baseline's speculative config: serve it instead); otherwise it is
@@ -71,25 +72,46 @@ def faster_baseline(new: dict[str, Any], baselines: dict[str, dict[str, Any]] | 
     return best if best is not None and (new.get("speedup_vs_base") or 0.0) < best[1]["speedup_vs_base"] else None
 
 
+def engine_dtype(device: str, vllm: VllmSettings | None) -> str:
+    """The dtype the gate's engine computes in: `auto` is bfloat16 on a CPU with native bfloat16 and the model's
+    own dtype (bfloat16 for the bases draftsmith converts) on a GPU."""
+    dtype = (vllm or VllmSettings()).dtype
+    if device == "cpu":
+        from draftsmith.engines.vllm_cpu import cpu_dtype
+
+        return cpu_dtype(dtype)
+    return "bfloat16" if dtype == "auto" else dtype
+
+
 def decide(new: dict[str, Any], champion: dict[str, Any] | None, champion_version: str | None, margin: float,
-           baselines: dict[str, dict[str, Any]] | None = None) -> tuple[bool, str]:
-    """(promote?, reason) from the gate numbers."""
+           baselines: dict[str, dict[str, Any]] | None = None, exact_numerics: bool = True) -> tuple[bool, str]:
+    """(promote?, reason) from the gate numbers.
+
+    `exact_numerics`: the engine computes in float32, so greedy output with the draft must equal the base's. In
+    bfloat16 or float16, verifying k + 1 positions in one step rounds differently from decoding one token, and a
+    near-tie flips a greedy token whatever the draft (vLLM: lossless "up to the precision limits of hardware
+    numerics"); the gate then reports the mismatch and does not refuse for it. The draft's losslessness was checked
+    in float32 by the export's round trip, which the register stage runs after."""
+    mismatch = ""
     if not new["greedy_identical"]:
-        return False, (f"greedy output with the draft differs from the base's on conversations "
-                       f"{new['greedy_mismatched']}: the draft is not lossless in this engine")
+        mismatch = (f"greedy output with the draft differs from the base's on conversations "
+                    f"{new['greedy_mismatched']}")
+        if exact_numerics:
+            return False, f"{mismatch}: the draft is not lossless in this engine (float32)"
+        mismatch = f"; {mismatch} (reduced-precision numerics: not refused, the float32 export check passed)"
     faster = faster_baseline(new, baselines)
     if faster is not None:
         name, numbers = faster
         return False, (f"speedup {new.get('speedup_vs_base') or 0.0:.3f}x over the base < {name}'s "
                        f"{numbers['speedup_vs_base']:.3f}x (acceptance length {new['acceptance_length']:.3f} against "
                        f"{numbers['acceptance_length']:.3f}): a free baseline is faster; serve its speculative config "
-                       f"{numbers['speculative_config']} instead")
+                       f"{numbers['speculative_config']} instead{mismatch}")
     if champion is None:
-        return True, "no champion yet"
+        return True, f"no champion yet{mismatch}"
     need = champion["acceptance_length"] + margin
     verdict = ">=" if new["acceptance_length"] >= need else "<"
     reason = (f"acceptance length {new['acceptance_length']:.3f} {verdict} champion v{champion_version}'s "
-              f"{champion['acceptance_length']:.3f} + margin {margin:g}")
+              f"{champion['acceptance_length']:.3f} + margin {margin:g}{mismatch}")
     return new["acceptance_length"] >= need, reason
 
 
@@ -105,15 +127,18 @@ def promotion_gate(*, name: str, version: str, draft: DraftUnderTest, settings: 
     incumbent_draft = None if champion_version is None else from_registry(f"models:/{name}/{champion_version}",
                                                                          out_dir / "champion")
     new, champion, baselines = _measure(draft, incumbent_draft, runs, settings, device, vllm)
+    dtype = engine_dtype(device, vllm)
     if incumbent is not None and champion_version is None:
         promote, reason = True, "already the champion"  # a re-run of the register stage
     else:
-        promote, reason = decide(new, champion, champion_version, settings.gate_margin, baselines)
+        promote, reason = decide(new, champion, champion_version, settings.gate_margin, baselines,
+                                 exact_numerics=dtype == "float32")
     faster = faster_baseline(new, baselines)
     alias = "champion" if promote else "challenger"
     set_alias(name, alias, version)
     decision = {"name": name, "version": version, "alias": alias, "promoted": promote, "reason": reason,
                 "gate_set": settings.gate_set, "conversations": len(sets[0].conversations), "margin": settings.gate_margin,
+                "engine_dtype": dtype,
                 "new": new, "champion_version": champion_version, "champion": champion, "baselines": baselines,
                 "recommended_speculative_config": faster[1]["speculative_config"] if faster else None}
     tag_version(name, version, {"draftsmith.gate": "promoted" if promote else "refused",
