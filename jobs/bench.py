@@ -1,6 +1,7 @@
 """Run the benchmarks of every stage on a recipe's embedded base; write bench-results/results.md and .json.
 
     python -m jobs.bench --recipe tiny-eagle3 [--rebuild]
+    python -m jobs.bench --recipe tiny-eagle3 --only real-model [--real-model-set output_dir=/abs/runs]
 
 The pipeline's own stages run (or are found done) under OUTPUT_DIR like `make demo`, plus two variants of the
 recipe for the comparison table (a bf16 EAGLE-3 draft and a Medusa draft); then the Serve load test (the export
@@ -39,8 +40,24 @@ def main() -> int:
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--no-real-model", action="store_true",
                         help="skip the real-model recipe (smollm2-eagle3; about 45 minutes the first time)")
+    parser.add_argument("--only", choices=["real-model"],
+                        help="run one part: `real-model` is the smollm2-eagle3 sections alone (its pipeline found "
+                             "done where it ran before under the same output_dir)")
+    parser.add_argument("--real-model-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for the real-model recipe (e.g. output_dir=/abs/runs); repeatable")
     args = parser.parse_args()
     recipe = parse_recipe(args)
+    if args.only == "real-model":
+        sections = real_model_sections(args.real_model_set)
+        cluster.connect(recipe.ray)
+        try:
+            sections.insert(0, real_synthesis_section())
+        finally:
+            ray.shutdown()
+        # Its own folder: a part does not overwrite the whole run's results.
+        results = write_results(sections, Path(args.out) / args.only, command_line())
+        print(results.read_text())
+        return 0
     if recipe.base.model != "embedded":
         raise ValueError("the benchmarks run on the embedded base; use a recipe with `base.model: embedded`")
     if args.rebuild:
@@ -48,7 +65,7 @@ def main() -> int:
     # The pipelines open their own MLflow runs (and Ray), so they go first, outside the bench run.
     speculation = speculation_sections(args.recipe, args.overrides)
     serving = serving_section(args.recipe, args.overrides)
-    real_model = [] if args.no_real_model else real_model_sections()
+    real_model = [] if args.no_real_model else real_model_sections(args.real_model_set)
     tracking.configure(recipe.tracking, recipe.output_dir)
     with tracking.start_run("bench", tags={"draftsmith.recipe": recipe.name}):
         cluster.connect(recipe.ray)
