@@ -39,7 +39,7 @@ def main() -> int:
                         help="build the base afresh in a temporary cache, so build time and memory are measured now")
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--no-real-model", action="store_true",
-                        help="skip the real-model recipe (smollm2-eagle3; about 45 minutes the first time)")
+                        help="skip the real-model recipe (smollm2-eagle3; 75-80 minutes the first time on 2 cores)")
     parser.add_argument("--only", choices=["real-model"],
                         help="run one part: `real-model` is the smollm2-eagle3 sections alone (its pipeline found "
                              "done where it ran before under the same output_dir)")
