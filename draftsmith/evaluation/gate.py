@@ -90,15 +90,15 @@ def decide(new: dict[str, Any], champion: dict[str, Any] | None, champion_versio
     `exact_numerics`: the engine computes in float32, so greedy output with the draft must equal the base's. In
     bfloat16 or float16, verifying k + 1 positions in one step rounds differently from decoding one token, and a
     near-tie flips a greedy token whatever the draft (vLLM: lossless "up to the precision limits of hardware
-    numerics"); the gate then reports the mismatch and does not refuse for it. The draft's losslessness was checked
-    in float32 by the export's round trip, which the register stage runs after."""
+    numerics"); the gate then reports the mismatch and does not refuse for it. The export's greedy round trip, which
+    a registered version has passed, is the lossless check (in float32 on CPU)."""
     mismatch = ""
     if not new["greedy_identical"]:
         mismatch = (f"greedy output with the draft differs from the base's on conversations "
                     f"{new['greedy_mismatched']}")
         if exact_numerics:
             return False, f"{mismatch}: the draft is not lossless in this engine (float32)"
-        mismatch = f"; {mismatch} (reduced-precision numerics: not refused, the float32 export check passed)"
+        mismatch = f"; {mismatch} (reduced-precision numerics: not refused; the export's round trip is the lossless check)"
     faster = faster_baseline(new, baselines)
     if faster is not None:
         name, numbers = faster
