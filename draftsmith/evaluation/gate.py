@@ -98,7 +98,8 @@ def decide(new: dict[str, Any], champion: dict[str, Any] | None, champion_versio
                     f"{new['greedy_mismatched']}")
         if exact_numerics:
             return False, f"{mismatch}: the draft is not lossless in this engine (float32)"
-        mismatch = f"; {mismatch} (reduced-precision numerics: not refused; the export's round trip is the lossless check)"
+        mismatch = (f"; {mismatch} (reduced-precision numerics: not refused; the export's round trip is the "
+                    "lossless check)")
     faster = faster_baseline(new, baselines)
     if faster is not None:
         name, numbers = faster
