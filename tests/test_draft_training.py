@@ -38,10 +38,15 @@ def _history(run_id: str, key: str) -> list[float]:
 
 
 def test_eagle3_learns_and_only_the_draft_changes(flow):
-    """The flow's bf16 EAGLE-3 training (80 steps, ZeRO-2, 2 workers): it learns, logs, checkpoints, and only the
-    draft's weights move."""
+    """The flow's bf16 EAGLE-3 training (80 steps, ZeRO-2, 2 workers, offline from the stored base features): it
+    learns, logs, checkpoints, and only the draft's weights move. (Online training: Medusa and the EAGLE-1 drill.)"""
     _, results = flow
     train = results["train"]
+    features = results["features"].outputs
+    assert train.outputs["base_features"] == "offline"
+    assert features["tokens"] > 0 and features["dtype"] == "bfloat16"
+    assert features["bytes_per_token_bfloat16"] <= features["bytes_per_token"] < 1.05 * features[
+        "bytes_per_token_bfloat16"]
     run_id = train.mlflow_run_id
     val_acc, val_loss = _history(run_id, "val/acc_step1"), _history(run_id, "val/loss")
     assert len(val_acc) == 3  # before training, at step 40, at the end

@@ -55,6 +55,27 @@ def test_finished_stage_is_skipped_and_changed_settings_rerun(recipe_in):
     assert Path(changed["first"].outputs["file"]).read_text() == "7"
 
 
+class OptionalStage(CountingStage):
+    """A stage the recipe uses only with `training.base_features=offline` (as the features stage)."""
+
+    def enabled(self, recipe):
+        return recipe.training.base_features == "offline"
+
+
+def test_a_stage_the_recipe_does_not_use_is_passed_over(recipe_in):
+    """An unused stage neither runs nor changes its consumer's fingerprint; used, it is an input like any other."""
+    optional, consumer = OptionalStage("optional"), CountingStage("consumer")
+    consumer.optional_inputs = ("optional",)
+    without = run_pipeline(recipe_in(), [optional, consumer])
+    assert optional.runs == 0 and "optional" not in without
+    plain = CountingStage("consumer")
+    assert without["consumer"].fingerprint == plain.fingerprint(recipe_in(), {})
+
+    used = run_pipeline(recipe_in("training.base_features=offline"), [optional, consumer])
+    assert (optional.runs, consumer.runs) == (1, 2)
+    assert used["consumer"].fingerprint != without["consumer"].fingerprint
+
+
 def test_interrupted_stage_without_marker_runs_again(recipe_in):
     stage = CountingStage("only")
     result = run_pipeline(recipe_in(), [stage])["only"]

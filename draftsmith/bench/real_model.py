@@ -16,6 +16,7 @@ from typing import Any
 
 from draftsmith.base_model import BaseModelError, resolve_base_folder
 from draftsmith.bench.report import Section
+from draftsmith.bench.training import offline_training_section
 from draftsmith.bench.speculation import evaluation_report, evaluation_section, report_row, stage_seconds, stages_section
 from draftsmith.evaluation.evaluate import from_export, load_sets
 from draftsmith.evaluation.measure import BASE, DRAFT, NGRAM, ngram_config, plan_runs, run_configurations, summarize
@@ -128,4 +129,9 @@ def real_model_sections(overrides: list[str] | None = None) -> list[Section]:
                 total <= TARGET_MINUTES)
     targets.notes.append("Stage times come from the runs that made each stage (the stages table); a finished "
                          "stage is not re-run. Register (the gate) adds about one more evaluation of the gate set.")
-    return [stages_section(results), evaluation_section(report), concurrency, targets]
+    sections = [stages_section(results), evaluation_section(report), concurrency, targets]
+    if "features" in results:
+        sections.append(offline_training_section(
+            Path(results["convert"].outputs["draft_dir"]), Path(results["base"].outputs["model_dir"]),
+            Path(results["dataset"].outputs["data_dir"]), results["features"].outputs, recipe))
+    return sections

@@ -21,6 +21,7 @@ from draftsmith.jsonl import write_jsonl
 from draftsmith.recipe.schema import Recipe
 from draftsmith.stages.convert import draft_meta
 from draftsmith.base_model import model_fingerprint
+from draftsmith.training.base_features import FeatureReader
 from draftsmith.training.batching import collate, plan_micro_batches
 from draftsmith.training.draft_data import prepare_training_data
 from draftsmith.training.layout import read_split
@@ -30,8 +31,9 @@ _BENCH_SEED = 4242  # conversations unlike the base's training set
 
 
 def _plain_loop_tokens_per_s(init: Path, base_dir: Path, data_dir: Path, recipe: Recipe, steps: int,
-                             warmup: int) -> float:
-    """The same model and micro batches, one process, torch AdamW, no Ray and no DeepSpeed."""
+                             warmup: int, features_dir: Path | None = None) -> float:
+    """The same model and micro batches, one process, torch AdamW, no Ray and no DeepSpeed; with `features_dir`,
+    offline from the stored base features (read from the store inside the timed loop, as the workers do)."""
     settings = recipe.training
     torch.set_num_threads(os.cpu_count() or 1)
     model = load_draft(init, base_dir).model
@@ -43,12 +45,17 @@ def _plain_loop_tokens_per_s(init: Path, base_dir: Path, data_dir: Path, recipe:
     rows = {r["source"]: r for r in read_split(data_dir, "train").to_pylist()}
     plan = plan_micro_batches(list(rows), [r["num_tokens"] for r in rows.values()],
                               micro_batch_size=settings.micro_batch_size, world_size=1, seed=settings.seed)[0]
-    pad_id = AutoTokenizer.from_pretrained(str(base_dir)).pad_token_id
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
+    reader = None if features_dir is None else FeatureReader(features_dir, "train", dtype)
     tokens, started = 0, time.perf_counter()
     for step, batch_ids in enumerate(itertools.islice(itertools.cycle(plan), warmup + steps)):
         if step == warmup:
             tokens, started = 0, time.perf_counter()
         batch = collate([rows[c] for c in batch_ids], pad_id)
+        if reader is not None:
+            batch["base_features"] = reader.batch(batch_ids, batch["input_ids"].shape[1])
         loss, _ = draft_forward(model, batch, recipe.draft.algorithm)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], settings.grad_clip)
@@ -98,4 +105,24 @@ def training_section(model_dir: Path, recipe: Recipe, num_conversations: int = 1
         f"{recipe.training.micro_batch_size} conversations per worker, {num_conversations} generated conversations; "
         "Ray rows: tokens/s of the last 10 steps, counted over all workers; the plain loop uses every core in one "
         "process. Wall time includes Ray Train start-up, data loading and the final checkpoint.")
+    return section
+
+
+def offline_training_section(init: Path, base_dir: Path, data_dir: Path, features: dict, recipe: Recipe,
+                             steps: int = 8) -> Section:
+    """One process, the same model and micro batches: the base run in every step against its stored features."""
+    section = Section(f"Draft training on the real base: online against offline base features ({recipe.name}, "
+                      "one run)", ["base features", "steps", "tokens/s", "ratio to online"])
+    online = _plain_loop_tokens_per_s(init, base_dir, data_dir, recipe, steps=steps, warmup=2)
+    offline = _plain_loop_tokens_per_s(init, base_dir, data_dir, recipe, steps=steps, warmup=2,
+                                       features_dir=Path(features["features_dir"]))
+    section.add("online: the base runs in each step", steps, online, 1.0)
+    section.add(f"offline: read from the store ({features['dtype']})", steps, offline, offline / online)
+    section.notes.append(
+        f"A plain loop (no Ray, no DeepSpeed), every core, {recipe.training.precision}, micro batch "
+        f"{recipe.training.micro_batch_size} conversations, the same batches in both rows. The store took "
+        f"{features['wall_seconds'] / 60:.1f} min to compute once ({features['tokens']:,} tokens, "
+        f"{features['bytes'] / 2**30:.2f} GiB): {features['bytes_per_token']:,.0f} bytes per token, against "
+        f"{features['bytes_per_token_bfloat16']:,} in bfloat16 and {features['bytes_per_token_float32']:,} in "
+        "float32 for the same states.")
     return section

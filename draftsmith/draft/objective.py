@@ -3,9 +3,13 @@
 EAGLE: ModelOpt distils the base's own next-token distribution at each training-time-test (TTT) step; accuracy k
 is how often the draft's k-th unrolled guess equals the base's greedy token. Medusa: head k predicts the token
 k+1 places ahead from the base's last hidden state; accuracy k is its top-1 hit rate on the assistant tokens.
+An EAGLE batch that carries `base_features` (stored by the features stage) trains offline: the base does not run.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -59,6 +63,40 @@ def draft_forward(model, batch: dict[str, torch.Tensor], algorithm: str) -> tupl
             accuracies.append(float(((predicted == wanted) & valid).sum()) / max(1, int(valid.sum())))
         return out["loss"], accuracies
     _use_ttt_mask_cache(model, tuple(batch["input_ids"].shape))
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                loss_mask=eagle_loss_mask(batch["target_mask"]))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "loss_mask": eagle_loss_mask(batch["target_mask"])}
+    features = batch.get("base_features")
+    if features is None:
+        out = model(**inputs)
+    else:
+        with offline_forward(model):
+            out = model(**inputs, base_model_outputs=offline_inputs(model, features))
     return out["loss"], [float(a) for a in out["train_acc"][0]]
+
+
+def offline_inputs(model, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ModelOpt's `base_model_outputs` from stored base features [batch, seq, (aux layers + 1) * hidden]: the
+    aux layers' outputs (EAGLE-3) first, the final normed hidden state last."""
+    hidden = getattr(model, "module", model).config.hidden_size
+    assert features.shape[-1] % hidden == 0, f"features of width {features.shape[-1]} for hidden size {hidden}"
+    outputs = {"base_model_hidden_states": features[..., -hidden:]}
+    if features.shape[-1] > hidden:
+        outputs["aux_hidden_states"] = features[..., :-hidden]
+    return outputs
+
+
+@contextlib.contextmanager
+def offline_forward(model) -> Iterator[None]:
+    """ModelOpt's EAGLE forward reading the base's states from `base_model_outputs`, for one call.
+
+    ModelOpt fixes `eagle_offline` at conversion and then deletes the base's layers; draftsmith converts online,
+    so one checkpoint serves online and offline training, quantization's calibration and the export, and switches
+    the flag for the call. The offline forward needs nothing else of the base: the token embeddings and `lm_head`
+    (which turns the final hidden state into the target logits) stay in the model."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the converted model
+    previous = module.eagle_offline
+    module.eagle_offline = True
+    try:
+        yield
+    finally:
+        module.eagle_offline = previous

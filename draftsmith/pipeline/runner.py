@@ -33,7 +33,8 @@ def run_stage(stage: Stage, recipe: Recipe, upstream: dict[str, StageResult],
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("stage %s: running into %s", stage.name, out_dir)
     tags = {"draftsmith.stage": stage.name, "draftsmith.fingerprint": fingerprint}
-    tags.update({f"draftsmith.input.{d}": upstream[d].fingerprint for d in stage.depends_on})
+    tags.update({f"draftsmith.input.{d}": upstream[d].fingerprint for d in (*stage.depends_on, *stage.optional_inputs)
+                 if d in upstream})
     with tracking.start_run(stage.name, nested=True, tags=tags) as run:
         tracking.log_params(as_jsonable(stage.settings(recipe)))
         ctx = StageContext(recipe=recipe, upstream=upstream, mlflow_run_id=run.info.run_id)
@@ -53,6 +54,9 @@ def run_pipeline(recipe: Recipe, stages: list[Stage], before_run: Callable[[Stag
                                                              "draftsmith.recipe_hash": recipe_hash}):
         tracking.log_dict(recipe.model_dump(mode="json"), "recipe.json")
         for stage in stages:
+            if not stage.enabled(recipe):
+                log.info("stage %s: not used by this recipe", stage.name)
+                continue
             result = run_stage(stage, recipe, results, before_run)
             results[stage.name] = result
             tracking.set_tags({f"draftsmith.stage.{stage.name}": "skipped" if result.skipped else "ran",

@@ -48,6 +48,7 @@ class Stage(ABC):
     name: str = ""
     version: int = 1
     depends_on: tuple[str, ...] = ()
+    optional_inputs: tuple[str, ...] = ()  # stages used when the recipe enables them (see `enabled`)
 
     @abstractmethod
     def settings(self, recipe: Recipe) -> Any:
@@ -56,6 +57,11 @@ class Stage(ABC):
     def preflight(self, recipe: Recipe) -> None:
         """Checks that need the tracking server (run once it is configured, before any stage runs)."""
         return None
+
+    def enabled(self, recipe: Recipe) -> bool:
+        """Whether the recipe uses this stage; a stage it does not use is passed over, and stages that list it
+        in `optional_inputs` run without it."""
+        return True
 
     def needs_ray(self, recipe: Recipe) -> bool:
         """Whether running this stage uses Ray; a pipeline whose running stages need none starts no Ray (a re-run
@@ -74,7 +80,8 @@ class Stage(ABC):
                 "stage": self.name,
                 "version": self.version,
                 "settings": as_jsonable(self.settings(recipe)),
-                "inputs": {d: upstream[d].fingerprint for d in self.depends_on},
+                "inputs": {d: upstream[d].fingerprint for d in (*self.depends_on, *self.optional_inputs)
+                           if d in upstream},
             }
         )
 

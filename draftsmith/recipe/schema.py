@@ -253,6 +253,15 @@ class TrainingSettings(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     max_failures: int = Field(2, ge=0, description="Worker crashes survived by restarting from the last checkpoint.")
     seed: int = Field(0, description="Seed of the data order.")
+    base_features: Literal["online", "offline"] = Field(
+        "online", description="online: the frozen base runs in every training step; offline: the features stage "
+        "computes the base's states once per conversation and stores them, and training reads them (EAGLE only; "
+        "the QAT finetune stays online, through the quantized base).",
+    )
+    feature_dtype: Literal["bfloat16", "float8"] = Field(
+        "bfloat16", description="How the offline store keeps the base's states: bfloat16, or float8 e4m3 with a "
+        "scale per token and layer (about half the bytes).",
+    )
     resume: Literal["auto", "require", "never"] = Field(
         "auto", description="auto: continue from this stage's latest checkpoint if any; require: fail without one; "
         "never: discard earlier checkpoints and start over.",
@@ -468,6 +477,11 @@ class Recipe(Strict):
                     "(a `self_generated` source with num_heldout > 0; otherwise only the embedded base has "
                     "held-out prompts), so give each set a path"
                 )
+        if self.training.base_features == "offline" and self.draft.algorithm == "medusa":
+            raise ValueError(
+                "training.base_features=offline stores the states an EAGLE draft reads, but draft.algorithm=medusa; "
+                "use training.base_features=online for Medusa"
+            )
         names = [p.name for p in self.evaluation.prompt_sets]
         if self.evaluation.gate_set not in names:
             raise ValueError(f"evaluation.gate_set={self.evaluation.gate_set!r} is not one of prompt_sets {names}")

@@ -5,6 +5,7 @@ from draftsmith.stages.convert import ConvertStage
 from draftsmith.stages.dataset import DatasetStage
 from draftsmith.stages.evaluate import EvaluateStage
 from draftsmith.stages.export import ExportStage
+from draftsmith.stages.features import FeaturesStage
 from draftsmith.stages.prompts import PromptsStage
 from draftsmith.stages.qat import QATStage
 from draftsmith.stages.quantize import QuantizeStage
@@ -12,8 +13,8 @@ from draftsmith.stages.register import RegisterStage
 from draftsmith.stages.synthesize import SynthesizeStage
 from draftsmith.stages.train import TrainStage
 
-STAGES = (BaseModelStage, PromptsStage, SynthesizeStage, DatasetStage, ConvertStage, TrainStage, QuantizeStage,
-          QATStage, ExportStage, EvaluateStage, RegisterStage)
+STAGES = (BaseModelStage, PromptsStage, SynthesizeStage, DatasetStage, ConvertStage, FeaturesStage, TrainStage,
+          QuantizeStage, QATStage, ExportStage, EvaluateStage, RegisterStage)
 
 
 def pipeline_stages(until: str | None = None) -> list:

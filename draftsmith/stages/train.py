@@ -12,14 +12,22 @@ from draftsmith.recipe.schema import Recipe
 from draftsmith.training.train_draft import train_draft
 
 
+def features_dir(ctx: StageContext) -> Path | None:
+    """The features stage's store when the recipe trains offline, else None (the base runs in every step)."""
+    features = ctx.upstream.get("features")
+    return Path(features.outputs["features_dir"]) if features is not None else None
+
+
 class TrainStage(Stage):
     name = "train"
     depends_on = ("base", "dataset", "convert")
+    optional_inputs = ("features",)  # offline training: the stored base states (their fingerprint covers them)
 
     def settings(self, recipe: Recipe) -> dict[str, Any]:
-        # How often to log or keep checkpoints, failures tolerated and the resume policy do not change the result.
+        # How often to log or keep checkpoints, failures tolerated and the resume policy do not change the result;
+        # offline features do not either (the same states), and their store's fingerprint is an input when used.
         settings = recipe.training.model_dump(mode="json", exclude={"log_every", "keep_checkpoints", "max_failures",
-                                                                    "resume"})
+                                                                    "resume", "base_features", "feature_dtype"})
         revision = OBJECTIVE_REVISIONS.get(recipe.draft.algorithm)
         return settings if revision is None else {**settings, "objective_revision": revision}
 
@@ -30,9 +38,9 @@ class TrainStage(Stage):
             data_dir=Path(ctx.upstream["dataset"].outputs["data_dir"]),
             settings=ctx.recipe.training, out_dir=out_dir, algorithm=ctx.recipe.draft.algorithm,
             run_id=ctx.mlflow_run_id,
-            resume=ctx.recipe.training.resume,
+            resume=ctx.recipe.training.resume, features_dir=features_dir(ctx),
         )
         final = {k.replace("/", "_"): v for k, v in summary["metrics"].items()}
         tracking.log_metrics({f"final_{k}": v for k, v in final.items()})
         return {"draft_dir": summary["draft"], "steps": summary["steps"], "resumed_from": summary["resumed_from"],
-                "metrics": summary["metrics"]}
+                "metrics": summary["metrics"], "base_features": summary["base_features"]}

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from draftsmith.draft.checkpoint import LoadedDraft, load_draft, write_checkpoint
 from draftsmith.draft.objective import draft_forward
+from draftsmith.training.base_features import FeatureReader, FeatureStoreError, check_store_fits, model_layout
 from draftsmith.training.batching import collate, micro_batch_sequence
 from draftsmith.training.distributed import lr_lambda, rank0_mlflow, prepare_worker
 from draftsmith.training.layout import read_split
@@ -41,6 +42,34 @@ def _own_rows(data_dir: str, split: str, wanted: set[str]) -> dict[str, dict]:
     missing = wanted - rows.keys()
     assert not missing, f"{len(missing)} planned conversations are missing from the {split} split"
     return rows
+
+
+def _feature_readers(config: dict[str, Any], model: torch.nn.Module, rows: dict[str, dict[str, dict]]
+                     ) -> dict[str, FeatureReader] | None:
+    """Offline training: a reader per split over the stored base features, checked against the draft and the
+    rows before the first step (None: online, the base runs in every step)."""
+    if not config["features_dir"]:
+        return None
+    check_store_fits(config["features_dir"], model_layout(model))
+    dtype = torch.bfloat16 if config["deepspeed"].get("bf16", {}).get("enabled") else torch.float32
+    readers = {split: FeatureReader(config["features_dir"], split, dtype) for split in rows}
+    for split, split_rows in rows.items():
+        for source, row in split_rows.items():
+            stored = readers[split].num_tokens(source)
+            if stored != len(row["input_ids"]):
+                raise FeatureStoreError(
+                    f"{config['features_dir']} holds {stored} tokens of features for {source}, which has "
+                    f"{len(row['input_ids'])}; the store was computed from other data: re-run the features stage"
+                )
+    return readers
+
+
+def _batch(sources: list[str], rows: dict[str, dict], pad_id: int, reader: FeatureReader | None
+           ) -> dict[str, torch.Tensor]:
+    batch = collate([rows[c] for c in sources], pad_id)
+    if reader is not None:
+        batch["base_features"] = reader.batch(sources, batch["input_ids"].shape[1])
+    return batch
 
 
 def _all_reduce_sums(values: list[float]) -> list[float]:
@@ -177,12 +206,16 @@ def train_worker(config: dict[str, Any]) -> None:
     plan, val_plan = config["plan"][rank], config["validation_plan"][rank]
     rows = _own_rows(config["data_dir"], "train", {c for batch in plan for c in batch})
     val_rows = _own_rows(config["data_dir"], "validation", {c for batch in val_plan for c in batch})
+    readers = _feature_readers(config, engine.module, {"train": rows, "validation": val_rows})
     device = engine.device
 
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
-    val_batches = [to_device(collate([val_rows[c] for c in batch], config["pad_id"])) for batch in val_plan]
+    def make_batch(sources: list[str], split: str, split_rows: dict[str, dict]) -> dict[str, torch.Tensor]:
+        return to_device(_batch(sources, split_rows, config["pad_id"], readers and readers[split]))
+
+    val_batches = [make_batch(batch, "validation", val_rows) for batch in val_plan]
     accumulation = config["grad_accumulation"]
     sequence = micro_batch_sequence(len(plan), start=progress["step"] * accumulation, seed=config["seed"], rank=rank)
     num_acc = config["num_accuracies"]
@@ -203,7 +236,7 @@ def train_worker(config: dict[str, Any]) -> None:
             log_metrics({"train/resumed_from_step": progress["step"]}, progress["step"])
         while progress["step"] < total:
             for _ in range(accumulation):
-                batch = to_device(collate([rows[c] for c in plan[next(sequence)]], config["pad_id"]))
+                batch = make_batch(plan[next(sequence)], "train", rows)
                 loss, accs = draft_forward(engine, batch, algorithm)
                 engine.backward(loss)
                 engine.step()

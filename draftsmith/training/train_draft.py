@@ -18,6 +18,7 @@ from draftsmith import tracking
 from draftsmith.draft.checkpoint import check_compatible
 from draftsmith.plots import line_plot
 from draftsmith.recipe.schema import TrainingSettings
+from draftsmith.training.base_features import read_manifest
 from draftsmith.training.batching import plan_micro_batches
 from draftsmith.training.distributed import deepspeed_config, run_torch_trainer
 from draftsmith.training.draft_data import DraftDataError
@@ -88,13 +89,17 @@ def _plots(run_id: str, out_dir: Path, accuracies: int) -> list[Path]:
 
 def train_draft(*, init_checkpoint: Path, base_dir: Path, data_dir: Path, settings: TrainingSettings, out_dir: Path,
                 algorithm: str, run_id: str | None, steps: int | None = None, lr: float | None = None,
-                resume: Resume = "auto") -> dict[str, Any]:
+                resume: Resume = "auto", features_dir: Path | None = None) -> dict[str, Any]:
     """Train from `init_checkpoint` into OUT/draft; returns the summary (also written to OUT/training_summary.json).
 
-    Everything that can be checked on the driver is checked before a worker starts: the checkpoint's algorithm
-    and base, the data's size against the workers and micro batch.
+    With `features_dir` (the features stage's store) the draft trains offline: the workers read the base's
+    stored states instead of running the base. Everything that can be checked on the driver is checked before a
+    worker starts: the checkpoint's algorithm and base, the data's size against the workers and micro batch, the
+    feature store's manifest.
     """
     meta = check_compatible(init_checkpoint, algorithm=algorithm, base_dir=base_dir)
+    if features_dir is not None:
+        read_manifest(features_dir)
     steps = steps or settings.steps
     plan = _plan(data_dir, "train", settings, shuffle=True)
     validation_plan = _plan(data_dir, "validation", settings, shuffle=False)
@@ -111,6 +116,7 @@ def train_draft(*, init_checkpoint: Path, base_dir: Path, data_dir: Path, settin
     loop_config = {
         "init_checkpoint": str(Path(init_checkpoint).resolve()), "base_dir": str(Path(base_dir).resolve()),
         "data_dir": str(Path(data_dir).resolve()),
+        "features_dir": str(Path(features_dir).resolve()) if features_dir is not None else None,
         "plan": plan, "validation_plan": validation_plan, "pad_id": pad_id,
         "num_accuracies": num_accuracies(meta),
         "deepspeed": deepspeed_config(zero_stage=settings.zero_stage, precision=settings.precision,
@@ -125,8 +131,9 @@ def train_draft(*, init_checkpoint: Path, base_dir: Path, data_dir: Path, settin
         "tracking_uri": tracking.current_uri() if run_id else None, "run_id": run_id,
     }
     batches_per_epoch = len(plan[0]) // settings.grad_accumulation
-    log.info("training a %s draft: %d steps on %d workers (%d steps per epoch)", meta["algorithm"], steps,
-             settings.num_workers, batches_per_epoch)
+    log.info("training a %s draft: %d steps on %d workers (%d steps per epoch; the base's features %s)",
+             meta["algorithm"], steps, settings.num_workers, batches_per_epoch,
+             "online" if features_dir is None else f"from {features_dir}")
     result = run_torch_trainer(
         train_worker, loop_config, name=RUN_NAME, storage_path=out_dir / RAY_TRAIN_DIR,
         num_workers=settings.num_workers, use_gpu=settings.use_gpu,
@@ -140,6 +147,7 @@ def train_draft(*, init_checkpoint: Path, base_dir: Path, data_dir: Path, settin
                "initial_metrics": final.get("initial_metrics", {}),
                "base_unchanged": final.get("base_unchanged", False),
                "epochs": steps / max(1, batches_per_epoch), "algorithm": meta["algorithm"],
+               "base_features": "online" if features_dir is None else "offline",
                "draft": str(out_dir / DRAFT_DIR), "checkpoint": result.checkpoint.path}
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     if run_id:
