@@ -15,7 +15,8 @@ from draftsmith.draft.objective import draft_forward
 from draftsmith.recipe.loader import load_recipe
 from draftsmith.recipe.schema import DraftSettings
 from draftsmith.training.base_features import (FeatureLayout, FeatureReader, FeatureStoreError, base_states,
-                                               check_store_fits, compute_part, decode, encode, model_layout)
+                                               check_store_fits, compute_part, compute_parts,
+                                               decode, encode, model_layout)
 from draftsmith.training.batching import collate
 
 SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
@@ -97,6 +98,11 @@ def test_store_round_trip_by_source(base_dir, tmp_path, dtype):
         f'{{"format": "draftsmith-base-features/1", "aux_layer_ids": {list(aux)}, "hidden_size": {hidden}, '
         f'"dtype": "{dtype}"}}')
     stored_bytes = out.stat().st_size
+    # A re-run (a killed job's) keeps the parts already written: no model is even loaded for them.
+    again = compute_parts({"part": [str(part)], "out": [str(out)]}, base_dir="/nonexistent", layout={
+        "aux_layer_ids": list(aux), "hidden_size": hidden, "dtype": dtype}, dtype="float32", pad_id=0, workers=1,
+        device="cpu")
+    assert again["tokens"] == [sum(LENGTHS)] and out.stat().st_size == stored_bytes
     assert layout.bytes_per_token * sum(LENGTHS) <= stored_bytes < layout.bytes_per_token * sum(LENGTHS) + 4096
 
     reader = FeatureReader(tmp_path / "store", "train", torch.float32)
