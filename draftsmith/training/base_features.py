@@ -164,6 +164,8 @@ def compute_parts(batch: dict[str, np.ndarray], *, base_dir: str, layout: dict[s
     from draftsmith.draft.convert import TORCH_DTYPES, load_base
     from draftsmith.engines.vllm_cpu import use_cores
 
+    if not logging.getLogger().handlers:  # a Ray worker: its INFO lines (progress) reach the driver's output
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if device == "cpu":
         use_cores(workers)  # Ray gives a task OMP_NUM_THREADS=1: take this task's share of the cores
     feature_layout_ = FeatureLayout(tuple(layout["aux_layer_ids"]), layout["hidden_size"], layout["dtype"])
