@@ -43,13 +43,15 @@ DATA_OVERRIDES = [*TINY_BASE_OVERRIDES, "data.num_prompts=400", "training.valida
 SHORT_TRAINING = ["training.micro_batch_size=8", "training.warmup_steps=5", "training.lr=3e-3",
                   "training.log_every=5"]
 # The second half of the workflow on top of `training_root` (the `flow` fixture): the base's features stored, a
-# short offline bf16 training from them (ZeRO-2, validated before, halfway and at the end, checkpointed twice) -> FP8 PTQ -> QAT -> export -> evaluation on a
-# handful of prompts -> registry version through the gate. The draft-training tests read its training too.
+# short offline bf16 training from them (ZeRO-2, validated before, halfway and at the end, checkpointed twice) ->
+# FP8 PTQ -> QAT -> export -> evaluation on a handful of prompts -> registry version through the gate. The
+# draft-training tests read its training too.
 FLOW_REGISTRY = "tiny-draft-under-test"
 EVAL_SETS = (f"evaluation.prompt_sets=[{{name: embedded-heldout, limit: 3}}, {{name: embedded-mtbench, path: "
              f"{ROOT / 'platform/prompts/embedded-mtbench.jsonl'}, limit: 2}}]")
 SHORT_EVALUATION = [EVAL_SETS, "evaluation.max_tokens=24", "evaluation.gate_limit=3"]
-FLOW = [*SHORT_TRAINING, "training.base_features=offline", "training.steps=80", "training.eval_every=40", "training.checkpoint_every=40",
+FLOW = [*SHORT_TRAINING, "training.base_features=offline", "training.steps=80", "training.eval_every=40",
+        "training.checkpoint_every=40",
         "quantization.calibration_samples=32", "quantization.qat.steps=30", "quantization.qat.lr=1e-3",
         "export.verify_prompts=4", "export.verify_max_tokens=32", *SHORT_EVALUATION,
         f"tracking.registry_name={FLOW_REGISTRY}"]

@@ -16,8 +16,8 @@ from typing import Any
 
 from draftsmith.base_model import BaseModelError, resolve_base_folder
 from draftsmith.bench.report import Section
-from draftsmith.bench.training import offline_training_section
 from draftsmith.bench.speculation import evaluation_report, evaluation_section, report_row, stage_seconds, stages_section
+from draftsmith.bench.training import offline_training_section
 from draftsmith.evaluation.evaluate import from_export, load_sets
 from draftsmith.evaluation.measure import BASE, DRAFT, NGRAM, ngram_config, plan_runs, run_configurations, summarize
 from draftsmith.recipe.loader import load_recipe
