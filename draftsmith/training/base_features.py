@@ -4,9 +4,9 @@ trainer instead of running the base in every step.
 What an EAGLE draft needs of the base at a position is its auxiliary hidden states (EAGLE-3: the outputs of the
 fused layers, concatenated), its final hidden state (after the final norm: the target logits are the base's
 `lm_head` of it) and the token embedding (recomputed from the ids: the embedding table stays in the model). The
-store keeps the first two per token; one Ray Data task per dataset part computes them with the base in the
-training precision and writes one safetensors file per part, atomically, so a killed run resumes with the parts
-it has not written.
+store keeps the first two per token; Ray Data tasks (one using every core on CPU, one per GPU) compute them with
+the base in the training precision and write one safetensors file per dataset part, atomically, so a killed run
+resumes with the parts it has not written.
 
 Storage per token is (aux layers + 1) x hidden values: bfloat16 (2 bytes each), or float8 e4m3 (1 byte) with one
 float32 scale per token and segment (each aux layer and the final state scaled to its own absolute maximum, so
