@@ -149,12 +149,12 @@ def convert_gguf(path: Path, out: Path) -> dict[str, Any]:
 def gguf_base_folder(path: Path) -> Path:
     """The converted folder of the GGUF file `path`, converted now if this file (by digest) never was."""
     from draftsmith.cluster import cache_dir, cache_lock
-    from draftsmith.pipeline.stage import read_done, write_done
+    from draftsmith.pipeline.stage import read_marker, write_marker
 
     digest = file_digest(path)
     out = cache_dir() / "base" / f"gguf-{digest[:16]}-v{CONVERTER_VERSION}"
     with cache_lock(out):
-        if read_done(out) is not None:
+        if read_marker(out) is not None:
             return out
         log.info("converting %s to a Hugging Face folder (once; cached at %s)", path, out)
         tmp = out.with_name(out.name + ".tmp")
@@ -162,7 +162,7 @@ def gguf_base_folder(path: Path) -> Path:
         tmp.mkdir(parents=True)
         report = {**convert_gguf(path, tmp), "sha256": digest}
         (tmp / SOURCE_FILE).write_text(json.dumps(report, indent=2))
-        write_done(tmp, {"stage": "gguf-base", "outputs": {"model_dir": str(out)}, "report": report})
+        write_marker(tmp, {"stage": "gguf-base", "outputs": {"model_dir": str(out)}, "report": report})
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     return out

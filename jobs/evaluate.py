@@ -22,8 +22,10 @@ from draftsmith.cli import parse_recipe, recipe_parser, run_main
 def main() -> int:
     from draftsmith import tracking
     from draftsmith.evaluation.evaluate import evaluate_draft, resolve_draft
+    from draftsmith.pipeline.artifacts import EvaluationArtifact, PromptsArtifact
+    from draftsmith.pipeline.stage import output_of
     from draftsmith.stages.evaluate import eval_device
-    from draftsmith.stages.run import run_recipe, summary
+    from draftsmith.stages.run import run_recipe
 
     parser = recipe_parser(__doc__.splitlines()[0])
     target = parser.add_mutually_exclusive_group()
@@ -34,14 +36,12 @@ def main() -> int:
     args = parser.parse_args()
     recipe = parse_recipe(args)
     if not (args.model or args.export):
-        report = summary(run_recipe(recipe, until="evaluate"))["evaluate"]
-        print(Path(report["outputs"]["markdown"]).read_text())
+        print(output_of(run_recipe(recipe, until="evaluate"), "evaluate", EvaluationArtifact).markdown.read_text())
         return 0
     heldout = None
     if recipe.data.heldout_prompts() and any(s.path is None for s in recipe.evaluation.prompt_sets):
         # the self-generated held-out prompts: the pipeline's prompts stage (skipped when done)
-        held = run_recipe(recipe, until="prompts")["prompts"].outputs["heldout"]
-        heldout = Path(held) if held else None
+        heldout = output_of(run_recipe(recipe, until="prompts"), "prompts", PromptsArtifact).heldout
     tracking.configure(recipe.tracking, recipe.output_dir)
     out = args.out or recipe.run_dir() / "evaluations" / time.strftime("%Y%m%d-%H%M%S")
     with tracking.start_run("evaluate", tags={"draftsmith.recipe": recipe.name,

@@ -16,6 +16,8 @@ from draftsmith.cli import parse_recipe, recipe_parser, run_main
 
 def main() -> int:
     from draftsmith.export.bundle import copy_export
+    from draftsmith.pipeline.artifacts import ExportArtifact
+    from draftsmith.pipeline.stage import output_of
     from draftsmith.stages.run import run_recipe, summary
 
     parser = recipe_parser(__doc__.splitlines()[0])
@@ -24,7 +26,7 @@ def main() -> int:
     results = run_recipe(parse_recipe(args), until="export")
     report = summary(results)["export"]
     if args.output is not None:
-        report["copied_to"] = str(copy_export(Path(report["outputs"]["export_dir"]), args.output))
+        report["copied_to"] = str(copy_export(output_of(results, "export", ExportArtifact).export_dir, args.output))
     print(json.dumps(report, indent=2))
     return 0
 

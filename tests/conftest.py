@@ -278,7 +278,7 @@ def training_root(tiny_base, local_ray, tmp_path_factory) -> Path:
     recipe = load_recipe("tiny-eagle3", [*DATA_OVERRIDES, f"output_dir={root}"])
     tracking.configure(recipe.tracking, root)
     results = run_pipeline(recipe, pipeline_stages("dataset"))
-    assert results["dataset"].outputs["train"] > 300
+    assert results["dataset"].outputs.train > 300
     return root
 
 

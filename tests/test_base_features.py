@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from draftsmith.draft.convert import convert_base
-from draftsmith.draft.objective import draft_forward
+from draftsmith.draft.algorithms import draft_forward
 from draftsmith.recipe.loader import load_recipe
 from draftsmith.recipe.schema import DraftSettings
 from draftsmith.training.base_features import (FeatureLayout, FeatureReader, FeatureStoreError, base_states,
@@ -60,7 +60,7 @@ def test_offline_forward_gives_the_online_loss(base_dir, algorithm):
     """The base's states handed to ModelOpt's offline forward give the same loss, accuracies and gradients as the
     online forward that computes them itself."""
     model = _converted(base_dir, algorithm)
-    aux, hidden = model_layout(model)
+    aux, hidden = model_layout(model, algorithm)
     assert bool(aux) == (algorithm == "eagle3") and hidden == 64  # EAGLE-1 reads the final state alone
     batch = collate(_rows(), pad_id=0)
     online_loss, online_acc = draft_forward(model, batch, algorithm)
@@ -81,13 +81,37 @@ def test_offline_forward_gives_the_online_loss(base_dir, algorithm):
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
 
 
+def test_dflash_offline_forward_gives_the_online_loss(base_dir):
+    """DFlash reads its target layers' stored outputs (and the final state for the distillation target): the same
+    loss, accuracy and gradients as online, on a batch not a multiple of the block size (padded inside)."""
+    model = convert_base(base_dir, DraftSettings.model_validate({"algorithm": "dflash", "dflash": {"num_layers": 2}}))
+    model.train()
+    aux, hidden = model_layout(model, "dflash")
+    assert aux == (0, 2)  # two distinct layers, never the base's last (3)
+    batch = {k: v[:, :-1] for k, v in collate(_rows(), pad_id=0).items()}  # 31 positions: not whole blocks of 4
+    assert batch["input_ids"].shape[1] % 4
+    torch.manual_seed(5)  # the same sampled blocks both times
+    online_loss, online_acc = draft_forward(model, batch, "dflash")
+    online_loss.backward()
+    online_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    states = base_states(model, batch["input_ids"], batch["attention_mask"], FeatureLayout(aux, hidden, "bfloat16"))
+    torch.manual_seed(5)
+    offline_loss, offline_acc = draft_forward(model, {**batch, "base_features": states}, "dflash")
+    offline_loss.backward()
+    assert not model.dflash_offline and offline_acc == online_acc
+    torch.testing.assert_close(offline_loss, online_loss)
+    for name, grad in online_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float8"])
 def test_store_round_trip_by_source(base_dir, tmp_path, dtype):
     """A dataset part's features written by `compute_part` come back per conversation, in the base's values (to
     the storage dtype's precision), zero-padded in a batch, at the stated bytes per token; training from them
     gives the online loss to within that precision."""
     model = _converted(base_dir, "eagle3")
-    aux, hidden = model_layout(model)
+    aux, hidden = model_layout(model, "eagle3")
     layout = FeatureLayout(aux, hidden, dtype)
     rows = _rows()
     part = _write_part(tmp_path, rows)

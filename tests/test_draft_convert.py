@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from draftsmith.draft.architecture import DraftConfigError, convert_spec
+from draftsmith.draft.algorithms import DraftConfigError, get_algorithm
 from draftsmith.draft.checkpoint import DraftCheckpointError, check_compatible, load_draft, save_draft
 from draftsmith.draft.convert import convert_base, load_base
-from draftsmith.draft.objective import draft_forward
+from draftsmith.draft.algorithms import draft_forward
 from draftsmith.draft.vocab import draft_vocabulary
 from draftsmith.recipe.schema import DraftSettings
 from draftsmith.base_model import model_fingerprint
@@ -48,16 +48,17 @@ def _settings(algorithm: str, **eagle) -> DraftSettings:
 
 
 @pytest.mark.parametrize("kind", sorted(BASES))
-@pytest.mark.parametrize("algorithm", ["eagle3", "eagle1", "medusa"])
+@pytest.mark.parametrize("algorithm", ["eagle3", "eagle1", "medusa", "dflash"])
 def test_converts_trains_and_restores_exactly(kind, algorithm, tmp_path):
     base_dir = _tiny_base(kind, tmp_path / "base")
-    settings = _settings(algorithm, draft_vocab_size=128) if algorithm != "medusa" else _settings(algorithm)
+    reduced = get_algorithm(algorithm).capabilities.draft_vocabulary
+    settings = _settings(algorithm, draft_vocab_size=128) if reduced else _settings(algorithm)
     d2t = None
-    if algorithm != "medusa":
+    if reduced:
         counts = np.arange(SIZES["vocab_size"])[::-1].copy()  # lower ids are more frequent
         d2t = draft_vocabulary(counts, 128)[0]
     model = convert_base(base_dir, settings, d2t=d2t)
-    prefix = "medusa_heads." if algorithm == "medusa" else "eagle_module."
+    prefix = get_algorithm(algorithm).prefix
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(prefix) for n in trainable)  # the base is frozen, the draft is not
 
@@ -65,14 +66,19 @@ def test_converts_trains_and_restores_exactly(kind, algorithm, tmp_path):
         assert model.eagle_config.eagle_aux_hidden_state_layer_ids == [0, 1]
         assert model.eagle_module.fc.weight.shape == (64, 2 * 64)
         assert model.eagle_module.layers[0].mlp.up_proj.weight.shape == (128, 64)
-    if algorithm != "medusa":
+    if algorithm == "dflash":  # sized from the base, not ModelOpt's Qwen3 defaults; never the base's last layer
+        assert model.target_layer_ids == [2] and model.dflash_module.fc.weight.shape == (64, 64)
+        assert model.dflash_module.layers[0].mlp.up_proj.weight.shape == (128, 64)
+    if algorithm == "eagle1":  # vLLM's layout: no input norm on the first layer
+        assert isinstance(model.eagle_module.layers[0].input_layernorm, torch.nn.Identity)
+    if reduced:
         assert torch.equal(model.eagle_module.d2t, torch.zeros(128, dtype=torch.long))  # ids 0..127 kept: no offset
         assert torch.equal(model.eagle_module.lm_head.weight, model.lm_head.weight[:128])
 
     model.train()
     loss, accuracies = draft_forward(model, _batch(), algorithm)
     loss.backward()
-    assert torch.isfinite(loss) and len(accuracies) == 3
+    assert torch.isfinite(loss) and len(accuracies) == (1 if algorithm == "dflash" else 3)
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(prefix))
 
     base_keys = set(load_base(base_dir).state_dict())
@@ -105,11 +111,15 @@ def test_draft_vocabulary_keeps_the_most_frequent_tokens():
 def test_draft_that_does_not_fit_the_base_fails_clearly(tmp_path):
     config = LlamaConfig(**SIZES)
     with pytest.raises(DraftConfigError, match=r"aux_hidden_state_layer_ids=\[1, 9\].*0\.\.3"):
-        convert_spec(_settings("eagle3", aux_hidden_state_layer_ids=[1, 9]), config)
+        get_algorithm("eagle3").convert_spec(_settings("eagle3", aux_hidden_state_layer_ids=[1, 9]), config)
     with pytest.raises(DraftConfigError, match="draft_vocab_size=4096 exceeds the base vocabulary"):
-        convert_spec(_settings("eagle3", draft_vocab_size=4096), config)
+        get_algorithm("eagle3").convert_spec(_settings("eagle3", draft_vocab_size=4096), config)
     with pytest.raises(DraftConfigError, match="algorithm=eagle1"):
-        convert_spec(_settings("eagle1", aux_hidden_state_layer_ids=[0]), config)
+        get_algorithm("eagle1").convert_spec(_settings("eagle1", aux_hidden_state_layer_ids=[0]), config)
+    with pytest.raises(DraftConfigError, match="EAGLE-1 loader has no reduced draft vocabulary"):
+        get_algorithm("eagle1").convert_spec(_settings("eagle1", draft_vocab_size=128), config)
+    with pytest.raises(ValueError, match="unknown draft algorithm 'eagle2'; the registered ones are eagle3, eagle1"):
+        _settings("eagle2")
 
 
 def test_base_modelopt_cannot_convert_fails_clearly(tmp_path):

@@ -43,10 +43,9 @@ def test_eagle3_learns_and_only_the_draft_changes(flow):
     _, results = flow
     train = results["train"]
     features = results["features"].outputs
-    assert train.outputs["base_features"] == "offline"
-    assert features["tokens"] > 0 and features["dtype"] == "bfloat16"
-    assert features["bytes_per_token_bfloat16"] <= features["bytes_per_token"] < 1.05 * features[
-        "bytes_per_token_bfloat16"]
+    assert train.outputs.base_features == "offline"
+    assert features.tokens > 0 and features.dtype == "bfloat16"
+    assert features.bytes_per_token_bfloat16 <= features.bytes_per_token < 1.05 * features.bytes_per_token_bfloat16
     run_id = train.mlflow_run_id
     val_acc, val_loss = _history(run_id, "val/acc_step1"), _history(run_id, "val/loss")
     assert len(val_acc) == 3  # before training, at step 40, at the end
@@ -60,8 +59,8 @@ def test_eagle3_learns_and_only_the_draft_changes(flow):
 
     summary = json.loads((train.directory / "training_summary.json").read_text())
     assert summary["steps"] == 80 and summary["base_unchanged"] and summary["resumed_from"] == []
-    before = load_file(str(Path(results["convert"].outputs["draft_dir"]) / "draft.safetensors"))
-    after = load_file(str(Path(train.outputs["draft_dir"]) / "draft.safetensors"))
+    before = load_file(str(results["convert"].outputs.draft_dir / "draft.safetensors"))
+    after = load_file(str(train.outputs.draft_dir / "draft.safetensors"))
     assert before.keys() == after.keys() and all(k.startswith("eagle_module.") for k in after)
     weights = [k for k in after if k.endswith("weight")]
     assert all(not torch.equal(before[k], after[k]) for k in weights)  # every draft weight trained
@@ -78,10 +77,31 @@ def test_medusa_trains_under_zero3_and_its_export_is_accepted(training_root):
     val_acc, val_loss = _history(run_id, "val/acc_step1"), _history(run_id, "val/loss")
     assert val_loss[-1] < val_loss[0] and val_acc[-1] > val_acc[0] + 0.05, (val_loss, val_acc)
     assert len(_history(run_id, "val/acc_step3")) == 2  # each of the three heads reports an accuracy
-    assert results["train"].outputs["steps"] == 30
+    assert results["train"].outputs.steps == 30
     # Its heads, exported in vLLM's Medusa layout, run in vLLM (CPU) and get accepted.
     exported = _train(training_root, *medusa, "quantization.format=none", "export.verify_prompts=4", until="export")
-    verification = exported["export"].outputs["verification"]
+    verification = exported["export"].outputs.verification
+    assert verification["identical"] and verification["num_accepted_tokens"] > 0, verification
+
+
+def test_dflash_trains_and_its_export_round_trips_in_vllm(training_root):
+    """DFlash, the algorithm the seam was proven with: Ray Train + DeepSpeed train it, its export passes the
+    DFlash tensor checks and runs in vLLM's CPU build (method dflash) with greedy output unchanged."""
+    dflash = ["draft.algorithm=dflash", "quantization.format=none", "training.steps=30", "training.eval_every=30",
+              "training.checkpoint_every=30", "export.verify_prompts=4"]
+    results = _train(training_root, *dflash, until="export")
+    run_id = results["train"].mlflow_run_id
+    val_acc, val_loss = _history(run_id, "val/acc_step1"), _history(run_id, "val/loss")
+    assert val_loss[-1] < val_loss[0] and val_acc[-1] > val_acc[0], (val_loss, val_acc)
+    export = results["export"].outputs
+    manifest = json.loads((export.export_dir / "manifest.json").read_text())
+    assert manifest["algorithm"] == "dflash" and "DFlash" in manifest["engines_without_config"]["trtllm"]
+    speculative = json.loads((export.export_dir / manifest["engine_configs"]["vllm"]).read_text())
+    assert speculative["method"] == "dflash" and speculative["num_speculative_tokens"] == 3  # block of 4
+    base_layers = json.loads((results["base"].outputs.model_dir / "config.json").read_text())["num_hidden_layers"]
+    target_layers = manifest["draft"]["checks"]["vllm"]["aux_layer_ids"]
+    assert len(target_layers) == 1 and target_layers[0] < base_layers - 1  # one per draft layer, never the last
+    verification = export.verification
     assert verification["identical"] and verification["num_accepted_tokens"] > 0, verification
 
 
@@ -113,6 +133,7 @@ def test_killed_worker_and_killed_job_resume_without_losing_steps(training_root,
     worker, then its whole job, and the re-run finishes it: every step once, and it learned."""
     # Both jobs join the session's Ray, as jobs submitted to one cluster do: the killed job's actors die with it.
     overrides = [*DATA_OVERRIDES, f"output_dir={training_root}", *SHORT_TRAINING, "draft.algorithm=eagle1",
+                 "draft.eagle.draft_vocab_size=null",  # vLLM's EAGLE-1 has no reduced vocabulary
                  "training.zero_stage=3", "training.steps=40",
                  "training.checkpoint_every=10", "training.eval_every=40", "training.max_failures=2",
                  "training.keep_checkpoints=3", "training.seed=7", f"ray.address={local_ray}"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 from importlib.metadata import entry_points
-from pathlib import Path
 
 import pytest
 import torch
@@ -269,7 +268,7 @@ def test_evaluate_job_takes_a_registered_version_by_alias(flow, mlflow_server, t
     assert job.returncode == 0, job.stderr[-3000:]
     report = json.loads((tmp_path / "report" / "evaluation.json").read_text())
     assert report["registry_version"] == {"name": "tiny-draft-under-test",
-                                          "version": results["register"].outputs["version"]}
+                                          "version": results["register"].outputs.version}
     assert report["prompt_sets"]["user"]["conversations"] == 2 and report["prompt_sets"]["user"]["quarantined"] == 1
     quarantined = json.loads((tmp_path / "report" / "quarantine" / "user.jsonl").read_text())
     assert quarantined["line"] == 2 and "invalid JSON" in quarantined["reason"]
@@ -286,10 +285,10 @@ def test_gate_promotes_a_better_draft_and_refuses_a_worse_one(flow, mlflow_serve
     name = "tiny-gate-under-test"  # not the flow's registry name, whose tests expect one version
     base = results["base"].outputs
     untrained = tmp_path / "untrained-export"
-    export_bundle(checkpoint=Path(results["convert"].outputs["draft_dir"]), base_dir=Path(base["model_dir"]),
-                  base_hash=base["model_hash"], quantized_base_dir=None, settings=ExportSettings(),
+    export_bundle(checkpoint=results["convert"].outputs.draft_dir, base_dir=base.model_dir,
+                  base_hash=base.model_hash, quantized_base_dir=None, settings=ExportSettings(),
                   out_dir=untrained)
-    register = functools.partial(register_export, name=name, base_dir=base["model_dir"], tags={},
+    register = functools.partial(register_export, name=name, base_dir=base.model_dir, tags={},
                                  recipe_file=results["register"].directory / "recipe.yaml", num_speculative_tokens=K)
     weak = register(export_dir=untrained, alias="champion")["version"]
     strong_version = register(export_dir=results["export"].directory / "export")["version"]

@@ -16,7 +16,7 @@ from conftest import run_job_here
 from draftsmith.base_model import model_fingerprint
 from draftsmith.draft.checkpoint import DraftCheckpointError, save_draft
 from draftsmith.draft.convert import convert_base, load_base
-from draftsmith.draft.objective import draft_forward
+from draftsmith.draft.algorithms import draft_forward, get_algorithm
 from draftsmith.draft.vocab import draft_vocabulary
 from draftsmith.export.bundle import copy_export, export_bundle, read_manifest
 from draftsmith.export.check_export import check_eagle_draft
@@ -45,10 +45,11 @@ def _batch() -> dict[str, torch.Tensor]:
 
 
 def _checkpoint(base_dir, folder, algorithm="eagle3", quantize=False, seed=0):
+    reduced = get_algorithm(algorithm).capabilities.draft_vocabulary
     settings = DraftSettings.model_validate({"algorithm": algorithm, "seed": seed,
-                                             "eagle": {"draft_vocab_size": DRAFT_VOCAB}})
+                                             "eagle": {"draft_vocab_size": DRAFT_VOCAB if reduced else None}})
     d2t = None
-    if algorithm != "medusa":
+    if reduced:
         d2t = draft_vocabulary(np.arange(VOCAB, dtype=np.int64), DRAFT_VOCAB)[0]  # higher ids more frequent
     model = convert_base(base_dir, settings, d2t=d2t)
     base_keys = set(load_base(base_dir).state_dict())
@@ -66,7 +67,7 @@ def _checkpoint(base_dir, folder, algorithm="eagle3", quantize=False, seed=0):
         mtq.quantize(model, modelopt_config("fp8", kv_cache=True, quantize_base=True), forward_loop)
         quantization = {"format": "fp8", "kv_cache": True, "base": True, "calibration_samples": 2}
     meta = {"algorithm": algorithm, "base_model_dir": str(base_dir), "base_model_hash": model_fingerprint(base_dir),
-            "ttt_steps": 3, "medusa_heads": 3, "draft_vocab_size": DRAFT_VOCAB if algorithm != "medusa" else None,
+            "ttt_steps": 3, "medusa_heads": 3, "draft_vocab_size": DRAFT_VOCAB if reduced else None,
             "quantization": quantization, "step": 0, "trained_steps": 0}
     return save_draft(model, folder, base_keys=base_keys, meta=meta)
 
@@ -198,11 +199,3 @@ def test_formats_that_need_cuda_are_refused_on_cpu(tmp_path):
                    "--set", f"output_dir={tmp_path}")
     assert proc.returncode == 2 and "quantization.format=nvfp4 needs a CUDA device" in proc.stderr, proc.stderr
     assert not any(tmp_path.iterdir())  # refused before any stage ran
-
-
-def test_eagle1_export_fails_with_modelopts_reason_and_leaves_nothing(base_dir, tmp_path):
-    # ModelOpt 0.47's speculative exporter requires the EAGLE-3 layout (a final norm) that its EAGLE-1 default
-    # config does not build: a known gap, reported as such rather than as a half-written folder.
-    with pytest.raises(ExportError, match="ModelOpt cannot export the eagle1 draft"):
-        _export(base_dir, _checkpoint(base_dir, tmp_path / "ckpt", algorithm="eagle1"), tmp_path / "export")
-    assert not (tmp_path / "export").exists() and not (tmp_path / ".export.tmp").exists()

@@ -86,7 +86,7 @@ def _settings():
 
 def test_eagle3_trains_in_bf16_on_cuda(base_dir, data_dir, figures):
     from draftsmith.draft.convert import convert_base
-    from draftsmith.draft.objective import draft_forward
+    from draftsmith.draft.algorithms import draft_forward
 
     model = convert_base(base_dir, _settings(), dtype="bfloat16").to("cuda")
     batches = _batches(data_dir, base_dir, 16, "cuda")

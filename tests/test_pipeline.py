@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -10,13 +11,21 @@ import pytest
 
 from conftest import TINY_BASE_OVERRIDES, free_port, run_job, run_job_here
 from draftsmith import tracking
+from draftsmith.pipeline.artifacts import Artifact, TrainArtifact
 from draftsmith.pipeline.runner import run_pipeline
 from draftsmith.pipeline.stage import DONE_MARKER, Stage
 from draftsmith.recipe.loader import load_recipe
+from draftsmith.stages import TrainStage
+
+
+class FileArtifact(Artifact):
+    file: Path
 
 
 class CountingStage(Stage):
     """A toy stage that records each real run; its settings are `training.steps`."""
+
+    artifact = FileArtifact
 
     def __init__(self, name, depends_on=()):
         self.name, self.depends_on, self.runs = name, depends_on, 0
@@ -27,7 +36,7 @@ class CountingStage(Stage):
     def run(self, ctx, out_dir: Path):
         self.runs += 1
         (out_dir / "out.txt").write_text(str(ctx.recipe.training.steps))
-        return {"file": str(out_dir / "out.txt")}
+        return FileArtifact(file=out_dir / "out.txt")
 
 
 @pytest.fixture
@@ -52,7 +61,7 @@ def test_finished_stage_is_skipped_and_changed_settings_rerun(recipe_in):
     changed = run_pipeline(recipe_in("training.steps=7"), [first, second])
     assert (first.runs, second.runs) == (2, 2)  # the downstream stage follows its input's new fingerprint
     assert changed["first"].directory != results["first"].directory
-    assert Path(changed["first"].outputs["file"]).read_text() == "7"
+    assert changed["first"].outputs.file.read_text() == "7"
 
 
 class OptionalStage(CountingStage):
@@ -82,6 +91,54 @@ def test_interrupted_stage_without_marker_runs_again(recipe_in):
     (result.directory / DONE_MARKER).unlink()  # as if killed before finishing
     run_pipeline(recipe_in(), [stage])
     assert stage.runs == 2
+
+
+def test_artifact_round_trips_through_the_done_marker(tmp_path):
+    """What a stage's `write_done` stores reads back as the same type, equal, with its MLflow run."""
+    trained = TrainArtifact(draft_dir=tmp_path / "draft", steps=80, resumed_from=[40],
+                            metrics={"val/loss": 1.25, "val/acc_step1": 0.5}, base_features="offline")
+    stage = TrainStage()
+    stage.write_done(tmp_path, "f00d", trained, "run-1")
+    record = json.loads((tmp_path / DONE_MARKER).read_text())
+    assert record["artifact"] == "TrainArtifact" and record["outputs"]["draft_dir"] == str(tmp_path / "draft")
+    done = stage.read_done(tmp_path)
+    assert type(done.artifact) is TrainArtifact and done.artifact == trained and done.mlflow_run_id == "run-1"
+
+
+def test_done_marker_of_an_older_layout_is_run_again(recipe_in, caplog):
+    """A `_DONE.json` from before typed artifacts (outputs by key, no artifact type) is read only when its outputs
+    are exactly the artifact's fields; otherwise it is never read as done: the stage runs again, saying why, and
+    its new marker then reads back."""
+    stage = CountingStage("only")
+    result = run_pipeline(recipe_in(), [stage])["only"]
+    marker = result.directory / DONE_MARKER
+    record = json.loads(marker.read_text())
+    del record["artifact"]
+    marker.write_text(json.dumps(record))
+    kept = run_pipeline(recipe_in(), [stage])["only"]  # the same keys: the finished work is kept
+    assert kept.skipped and stage.runs == 1 and kept.outputs == result.outputs
+    record["outputs"] = {"file_name": record["outputs"]["file"]}  # a key this version does not have
+    marker.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="draftsmith.pipeline.runner"):
+        again = run_pipeline(recipe_in(), [stage])["only"]
+    assert stage.runs == 2 and not again.skipped and again.directory == result.directory
+    assert (f"stage only: the finished run in {result.directory} was written by another version of draftsmith "
+            "(missing field file and 1 more); running it again") in caplog.text
+    assert run_pipeline(recipe_in(), [stage])["only"].skipped and stage.runs == 2
+
+    # Typed, but with a field this version does not have (a renamed key): also run again, naming the field.
+    record = json.loads(marker.read_text())
+    record["outputs"] = {"path": record["outputs"]["file"]}
+    marker.write_text(json.dumps(record))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="draftsmith.pipeline.runner"):
+        run_pipeline(recipe_in(), [stage])
+    assert stage.runs == 3 and "(missing field file and 1 more)" in caplog.text
+    # Another artifact type recorded: run again too.
+    record = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**record, "artifact": "TrainArtifact"}))
+    run_pipeline(recipe_in(), [stage])
+    assert stage.runs == 4
 
 
 def _summary(stdout: str) -> dict:

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from draftsmith.base_model import model_fingerprint
 from draftsmith.draft.checkpoint import load_draft, save_draft
 from draftsmith.draft.convert import base_state_keys, convert_base
-from draftsmith.draft.objective import draft_forward
+from draftsmith.draft.algorithms import draft_forward
 from draftsmith.export.bundle import export_bundle
 from draftsmith.quantization.formats import enabled_quantizers, modelopt_config
 from draftsmith.recipe.schema import DraftSettings, ExportSettings

@@ -27,13 +27,13 @@ def _history(run_id: str, key: str) -> list[float]:
 def test_qat_lowers_the_loss_of_the_quantized_draft(flow):
     _, results = flow
     quantized = results["quantize"].outputs
-    assert quantized["quantization"]["format"] == "fp8" and quantized["quantizers"]["draft"] > 0
-    assert quantized["quantizers"]["base"] > 0  # the base is quantized too (recipe default) ...
+    assert quantized.quantization.format == "fp8" and quantized.quantizers["draft"] > 0
+    assert quantized.quantizers["base"] > 0  # the base is quantized too (recipe default) ...
     assert (results["quantize"].directory / "base" / "hf_quant_config.json").is_file()  # ... and exported
     qat_run = results["qat"].mlflow_run_id
     loss = _history(qat_run, "val/loss")
     assert len(loss) == 2 and loss[-1] < loss[0], loss  # step 0 is the PTQ model, the last the QAT one
-    report = results["qat"].outputs["report"]
+    report = results["qat"].outputs.report
     assert set(report) == {"bf16", "ptq", "qat"} and report["ptq"]["loss"] == pytest.approx(loss[0])
     assert {a.path for a in MlflowClient().list_artifacts(qat_run, "plots")} >= {"plots/quantization.png"}
 
@@ -41,7 +41,7 @@ def test_qat_lowers_the_loss_of_the_quantized_draft(flow):
 def test_export_round_trips_through_vllm_losslessly(flow):
     _, results = flow
     export = results["export"].outputs
-    verification = export["verification"]
+    verification = export.verification
     assert verification["prompts"] == 4 and verification["identical"], verification
     assert 1.0 <= verification["acceptance_length"] <= 4.0 and verification["num_drafts"] > 0
     manifest = json.loads((results["export"].directory / "export" / "manifest.json").read_text())
@@ -61,15 +61,15 @@ def test_registered_version_has_lineage_and_its_pyfunc_generates(flow, mlflow_se
     registered = results["register"].outputs
     client = MlflowClient()
     # The first version of a name has no champion to beat: the gate promotes it.
-    assert registered["alias"] == "champion" and registered["gate"]["reason"] == "no champion yet"
+    assert registered.alias == "champion" and registered.gate.reason == "no champion yet"
     version = client.get_model_version_by_alias(REGISTRY_NAME, "champion")
-    assert version.version == registered["version"] and version.tags["draftsmith.gate"] == "promoted"
+    assert version.version == registered.version and version.tags["draftsmith.gate"] == "promoted"
     tags = version.tags
     assert tags["draftsmith.algorithm"] == "eagle3" and tags["draftsmith.quantization"] == "fp8"
-    assert tags["draftsmith.base_model_hash"] == results["base"].outputs["model_hash"]
+    assert tags["draftsmith.base_model_hash"] == results["base"].outputs.model_hash
     assert tags["draftsmith.run.train"] == results["train"].mlflow_run_id
     assert tags["draftsmith.run.qat"] == results["qat"].mlflow_run_id
-    assert int(tags["draftsmith.dataset.train"]) == results["dataset"].outputs["train"]
+    assert int(tags["draftsmith.dataset.train"]) == results["dataset"].outputs.train
     assert len(tags["draftsmith.git_commit"]) >= 40 and tags["draftsmith.roundtrip_identical"] == "True"
 
     # A fresh process, as a user would: load by alias, generate.
@@ -87,17 +87,17 @@ def test_registered_version_has_lineage_and_its_pyfunc_generates(flow, mlflow_se
 
     # Registering the same export again finds the version instead of adding one; aliases move through the API.
     again = register_export(name=REGISTRY_NAME, export_dir=results["export"].directory / "export",
-                            base_dir=results["base"].outputs["model_dir"],
+                            base_dir=results["base"].outputs.model_dir,
                             recipe_file=results["register"].directory / "recipe.yaml", tags={},
                             num_speculative_tokens=3, alias="challenger")
-    assert again["reused"] and again["version"] == registered["version"]
-    assert client.get_model_version_by_alias(REGISTRY_NAME, "challenger").version == registered["version"]
+    assert again["reused"] and again["version"] == registered.version
+    assert client.get_model_version_by_alias(REGISTRY_NAME, "challenger").version == registered.version
     # The same name for another algorithm is refused before anything is written.
     client.set_registered_model_tag(REGISTRY_NAME, "draftsmith.algorithm", "medusa")
     try:
         with pytest.raises(RegistryError, match="holds medusa drafts"):
             register_export(name=REGISTRY_NAME, export_dir=results["export"].directory / "export",
-                            base_dir=results["base"].outputs["model_dir"],
+                            base_dir=results["base"].outputs.model_dir,
                             recipe_file=results["register"].directory / "recipe.yaml", tags={},
                             num_speculative_tokens=3)
         # ... and the pipeline refuses it before any stage runs.

@@ -96,6 +96,23 @@ def test_cross_field_checks_name_both_fields(tmp_path):
         load_recipe("tiny-eagle3", ["base.embedded.architecture.hidden_size=100"])
 
 
+def test_what_an_algorithm_cannot_do_is_refused_at_the_door():
+    """Each a one-line error naming the keys, from the algorithm's own capabilities and runtimes."""
+    dflash = ["draft.algorithm=dflash", "quantization.format=none"]
+    assert load_recipe("tiny-eagle3", dflash).draft.dflash.block_size == 4
+    with pytest.raises(RecipeError, match="unknown draft algorithm 'eagle2'; the registered ones are eagle3, eagle1, "
+                                          "medusa, dflash"):
+        load_recipe("tiny-eagle3", ["draft.algorithm=eagle2"])
+    with pytest.raises(RecipeError, match="serving.engine=trtllm cannot serve draft.algorithm=dflash"):
+        load_recipe("tiny-eagle3", [*dflash, "serving.engine=trtllm"])
+    with pytest.raises(RecipeError, match=r"export.targets=\['trtllm'\]: none of them runs draft.algorithm=medusa"):
+        load_recipe("tiny-eagle3", ["draft.algorithm=medusa", "export.targets=[trtllm]"])
+    with pytest.raises(RecipeError, match="draft.algorithm=dflash has no quantized export yet"):
+        load_recipe("tiny-eagle3", ["draft.algorithm=dflash"])
+    with pytest.raises(RecipeError, match="draft.algorithm=medusa does not train from them"):
+        load_recipe("tiny-eagle3", ["draft.algorithm=medusa", "training.base_features=offline"])
+
+
 def test_settings_hash_tracks_changes():
     a = load_recipe("tiny-eagle3")
     b = load_recipe("tiny-eagle3", ["base.embedded.corpus.seed=1"])

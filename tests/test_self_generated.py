@@ -4,7 +4,6 @@ stage sampling them from the tiny base through vLLM, mixed with a file and holdi
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -119,15 +118,15 @@ def test_real_model_recipe_samples_filters_and_holds_out_prompts_from_a_gguf_bas
     assert recipe.evaluation.prompt_sets[0].path is None  # the recipe's held-out set: these prompts
     tracking.configure(recipe.tracking, tmp_path)
     result = run_recipe(recipe, until="prompts")["prompts"]
-    sources = result.outputs["sources"]
-    assert [s["path"] for s in sources][0] == str(users.resolve())
+    sources = result.outputs.sources
+    assert sources[0].path == users.resolve()
     stats = json.loads((result.directory / "self-generated-1.stats.json").read_text())
     assert stats["prompts"] == 12 and stats["heldout"] == 4, stats
     assert stats["sampled"] == stats["kept"] + stats["rejected"] + stats["surplus"]
     assert stats["prefix"].endswith("<|user|>")  # the embedded template's user-turn prefix
 
-    generated, bad, _, _ = read_prompt_conversations([(sources[1]["path"], "openai")])
-    heldout, bad_heldout, _, _ = read_prompt_conversations([(result.outputs["heldout"], "openai")])
+    generated, bad, _, _ = read_prompt_conversations([(str(sources[1].path), "openai")])
+    heldout, bad_heldout, _, _ = read_prompt_conversations([(str(result.outputs.heldout), "openai")])
     assert not bad and not bad_heldout and len(generated) == 12 and len(heldout) == 4
     # Training and held-out prompts are distinct, and no two prompts are near-duplicates.
     seen = NearDuplicates(0.7)
@@ -142,6 +141,6 @@ def test_real_model_recipe_samples_filters_and_holds_out_prompts_from_a_gguf_bas
     again = run_recipe(recipe, until="prompts")["prompts"]
     assert again.skipped
     (again.directory / "_DONE.json").unlink()
-    before = Path(sources[1]["path"]).read_text()
+    before = sources[1].path.read_text()
     rerun = run_recipe(recipe, until="prompts")["prompts"]
-    assert not rerun.skipped and Path(rerun.outputs["sources"][1]["path"]).read_text() == before
+    assert not rerun.skipped and rerun.outputs.sources[1].path.read_text() == before

@@ -93,7 +93,7 @@ def test_answers_equal_vllms_own_greedy_output(endpoint, flow):
 
     url = endpoint[0]
     recipe, results = flow
-    samples = results["export"].outputs["verification"]["samples"]
+    samples = results["export"].outputs.verification["samples"]
     assert len(samples) == recipe.export.verify_prompts and all(s["text"] for s in samples)
     max_tokens = recipe.export.verify_max_tokens
     c = client(url)
@@ -111,7 +111,7 @@ def test_answers_equal_vllms_own_greedy_output(endpoint, flow):
     # completions: the same prompt the chat template makes, sent raw
     from transformers import AutoTokenizer
 
-    draft = from_export(results["export"].outputs["export_dir"])
+    draft = from_export(results["export"].outputs.export_dir)
     prompt = AutoTokenizer.from_pretrained(draft.base_dir).apply_chat_template(
         samples[0]["messages"], add_generation_prompt=True, tokenize=False)
     raw = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}

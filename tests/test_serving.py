@@ -194,7 +194,7 @@ class FakeTensorRTLLM:
 def test_trtllm_deployment_speaks_openai_over_the_llm_api(flow):
     from serve.trtllm_server import TRTLLMServer
 
-    export_dir = flow[1]["export"].outputs["export_dir"]
+    export_dir = flow[1]["export"].outputs.export_dir
     settings = ServingSettings(engine="trtllm", model_ref=str(export_dir), num_speculative_tokens=2)
 
     async def scenario():

@@ -11,7 +11,6 @@ speedup is about tau / (1 + k c), and c = (tau / speedup - 1) / k. It folds in w
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from draftsmith.base_model import BaseModelError, resolve_base_folder
@@ -20,6 +19,9 @@ from draftsmith.bench.speculation import evaluation_report, evaluation_section, 
 from draftsmith.bench.training import offline_training_section
 from draftsmith.evaluation.evaluate import from_export, load_sets
 from draftsmith.evaluation.measure import BASE, DRAFT, NGRAM, ngram_config, plan_runs, run_configurations, summarize
+from draftsmith.pipeline.artifacts import (BaseArtifact, ConvertArtifact, DatasetArtifact, ExportArtifact,
+                                           FeaturesArtifact, PromptsArtifact)
+from draftsmith.pipeline.stage import output_of
 from draftsmith.recipe.loader import load_recipe
 from draftsmith.stages.evaluate import eval_device
 from draftsmith.stages.run import run_recipe
@@ -43,9 +45,9 @@ def draft_step_cost(acceptance_length: float | None, speedup: float | None, k: i
 
 def _concurrency_section(recipe, results) -> tuple[Section, dict[int, dict[str, Any]]]:
     evaluation, k = recipe.evaluation, recipe.evaluation.num_speculative_tokens
-    draft = from_export(results["export"].outputs["export_dir"], results["base"].outputs["model_dir"])
-    heldout = results["prompts"].outputs.get("heldout")
-    draft.heldout = None if heldout is None else Path(heldout)
+    draft = from_export(output_of(results, "export", ExportArtifact).export_dir,
+                        output_of(results, "base", BaseArtifact).model_dir)
+    draft.heldout = output_of(results, "prompts", PromptsArtifact).heldout
     sets = load_sets(evaluation, draft.heldout_file(), results["evaluate"].directory / "concurrency",
                      only=evaluation.gate_set)
     runs = []
@@ -132,6 +134,8 @@ def real_model_sections(overrides: list[str] | None = None) -> list[Section]:
     sections = [stages_section(results), evaluation_section(report), concurrency, targets]
     if "features" in results:
         sections.append(offline_training_section(
-            Path(results["convert"].outputs["draft_dir"]), Path(results["base"].outputs["model_dir"]),
-            Path(results["dataset"].outputs["data_dir"]), results["features"].outputs, recipe))
+            output_of(results, "convert", ConvertArtifact).draft_dir,
+            output_of(results, "base", BaseArtifact).model_dir,
+            output_of(results, "dataset", DatasetArtifact).data_dir,
+            output_of(results, "features", FeaturesArtifact), recipe))
     return sections

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 
 from draftsmith.bench.report import Section
+from draftsmith.pipeline.artifacts import BaseArtifact, ExportArtifact
+from draftsmith.pipeline.stage import output_of
 from draftsmith.recipe.loader import load_recipe
 from draftsmith.stages.run import run_recipe
 
@@ -68,9 +70,9 @@ def serving_section(recipe_name: str, overrides: list[str]) -> Section:
 
     recipe = load_recipe(recipe_name, overrides)
     results = run_recipe(recipe, until="export")  # done by the speculation benchmarks: found, not rerun
-    export_dir = results["export"].outputs["export_dir"]
+    export_dir = output_of(results, "export", ExportArtifact).export_dir
     work = Path(tempfile.mkdtemp(prefix="draftsmith-bench-serve-"))
-    prompts = _prompts(Path(results["base"].outputs["model_dir"]), work)
+    prompts = _prompts(output_of(results, "base", BaseArtifact).model_dir, work)
     port = _free_port()
     cluster.connect(recipe.ray)
     table = Section(f"Serving (Ray Serve + vLLM CPU): {MAX_TOKENS}-token streamed chat answers, greedy, "
@@ -102,7 +104,7 @@ def serving_section(recipe_name: str, overrides: list[str]) -> Section:
                       _percentile(latency, 99) or "-")
     errors = sum(r["errors"] for r in measured.values())
     table.notes.append(
-        f"Both configurations serve the same export ({Path(export_dir).parent.name}) from one Serve instance, one "
+        f"Both configurations serve the same export ({export_dir.parent.name}) from one Serve instance, one "
         "engine replica each; a second process drives N clients, each sending its next request when the last "
         f"finished, {', '.join(f'{requests_for(c)}' for c in LEVELS)} requests at {', '.join(map(str, LEVELS))} "
         f"clients; prompts are the base's held-out first turns. Errors in all runs: {errors} (must be 0). The "

@@ -14,9 +14,11 @@ from typing import Any
 from mlflow import MlflowClient
 
 from draftsmith.bench.report import Section
+from draftsmith.draft.algorithms import ALGORITHMS
 from draftsmith.evaluation.evaluate import from_export, load_sets
 from draftsmith.evaluation.measure import BASE, DRAFT, NGRAM, plan_runs, run_configurations, summarize
-from draftsmith.pipeline.stage import StageResult
+from draftsmith.pipeline.artifacts import BaseArtifact, EvaluationArtifact, ExportArtifact, QatArtifact
+from draftsmith.pipeline.stage import StageResult, output_of
 from draftsmith.recipe.loader import load_recipe
 from draftsmith.recipe.schema import Recipe
 from draftsmith.stages.evaluate import eval_device
@@ -27,11 +29,6 @@ log = logging.getLogger(__name__)
 TARGET_ACCEPTANCE = 3.0
 TARGET_VS_NGRAM = 1.5
 TARGET_QAT_LOSS = 0.03  # QAT FP8 acceptance within 3% of bf16
-EAGLE1_NOTE = ("EAGLE-1 drafts train (tests/test_draft_training.py), but ModelOpt 0.47's speculative exporter "
-               "asserts the EAGLE-3 layout (a final norm the EAGLE-1 default lacks), so there is nothing for vLLM or "
-               "TensorRT-LLM to load; the export stage refuses it with that reason")
-
-
 def stage_seconds(run_id: str | None) -> float | None:
     if not run_id:
         return None
@@ -51,7 +48,7 @@ def _variant(name: str, overrides: list[str], recipe: Recipe, extra: list[str]) 
 
 
 def evaluation_report(results: dict[str, StageResult]) -> dict[str, Any]:
-    return json.loads(open(results["evaluate"].outputs["report"]).read())
+    return json.loads(output_of(results, "evaluate", EvaluationArtifact).report.read_text())
 
 
 def report_row(report: dict[str, Any], set_name: str, temperature: float = 0.0) -> dict[str, Any]:
@@ -72,11 +69,12 @@ def stages_section(results: dict[str, StageResult]) -> Section:
 def quantization_section(results: dict[str, StageResult]) -> Section:
     section = Section("Quantization: validation of the same batches, bf16 -> FP8 PTQ -> QAT",
                       ["model", "loss", "acc step 1", "acc step 2", "acc step 3"])
-    report = results["qat"].outputs.get("report") or {}
+    qat = output_of(results, "qat", QatArtifact)
+    report = qat.report or {}
     for label, metrics in report.items():
         section.add(label, metrics.get("loss"), *(metrics.get(f"acc_step{i}", "-") for i in (1, 2, 3)))
     section.notes.append(f"PTQ {stage_seconds(results['quantize'].mlflow_run_id) or 0:.0f} s, QAT "
-                         f"{results['qat'].outputs.get('steps', 0)} steps {stage_seconds(results['qat'].mlflow_run_id) or 0:.0f} s "
+                         f"{qat.steps} steps {stage_seconds(results['qat'].mlflow_run_id) or 0:.0f} s "
                          "(ModelOpt fake quantization, Ray Train + DeepSpeed).")
     return section
 
@@ -114,13 +112,17 @@ def speculation_sections(recipe_name: str, overrides: list[str]) -> list[Section
     recipe = load_recipe(recipe_name, overrides)
     main = run_recipe(recipe, until="evaluate")
     bf16 = run_recipe(_variant(recipe_name, overrides, recipe, ["quantization.format=none"]), until="evaluate")
-    medusa = run_recipe(_variant(recipe_name, overrides, recipe, ["draft.algorithm=medusa",
-                                                                  "quantization.format=none"]), until="evaluate")
+    # Every other registered algorithm on the same data and prompts, unquantized (its own defaults otherwise).
+    others = {name: run_recipe(_variant(recipe_name, overrides, recipe, [
+        f"draft.algorithm={name}", "quantization.format=none",
+        *([] if algorithm.capabilities.draft_vocabulary else ["draft.eagle.draft_vocab_size=null"])]),
+        until="evaluate") for name, algorithm in ALGORITHMS.items() if name != recipe.draft.algorithm}
     gate_set, k = recipe.evaluation.gate_set, recipe.evaluation.num_speculative_tokens
-    main_report, bf16_report, medusa_report = evaluation_report(main), evaluation_report(bf16), evaluation_report(medusa)
+    main_report, bf16_report = evaluation_report(main), evaluation_report(bf16)
 
     # The bf16 export's TensorRT-LLM variant keeps ModelOpt's aux-layer numbering; vLLM counts one higher.
-    draft = from_export(bf16["export"].outputs["export_dir"], bf16["base"].outputs["model_dir"])
+    draft = from_export(output_of(bf16, "export", ExportArtifact).export_dir,
+                        output_of(bf16, "base", BaseArtifact).model_dir)
     sets = load_sets(recipe.evaluation, draft.heldout_file(), bf16["evaluate"].directory / "aux-numbering",
                      only=gate_set)
     runs = plan_runs(sets, [0.0], recipe.evaluation)
@@ -135,12 +137,13 @@ def speculation_sections(recipe_name: str, overrides: list[str]) -> list[Section
     _comparison_row(comparison, "EAGLE-3, QAT FP8 (the recipe)", fp8_row)
     _comparison_row(comparison, "EAGLE-3, bf16 (no quantization)", bf16_row)
     _comparison_row(comparison, "EAGLE-3, bf16, ModelOpt aux-layer ids (not shifted +1 for vLLM)", unshifted_row)
-    _comparison_row(comparison, "Medusa, bf16", report_row(medusa_report, gate_set))
+    for name, results in others.items():
+        _comparison_row(comparison, f"{ALGORITHMS[name].description.split(':')[0]}, bf16",
+                        report_row(evaluation_report(results), gate_set))
     if NGRAM in fp8_row:
         _comparison_row(comparison, "n-gram prompt lookup (vLLM, no draft model)", fp8_row, NGRAM)
-    comparison.add("EAGLE-1", "-", "-", "-", "-")
-    comparison.notes += [EAGLE1_NOTE, "The same base, synthesized data and training settings for every draft; "
-                         "Medusa and the bf16 EAGLE-3 draft skip quantization, so the QAT draft has trained "
+    comparison.notes += ["The same base, synthesized data and training settings for every draft; the other "
+                         "algorithms and the bf16 EAGLE-3 draft skip quantization, so the QAT draft has trained "
                          f"{recipe.quantization.qat.steps} steps more. Speedups are single runs on a noisy 2-core "
                          "machine: read them to about +-0.15."]
 

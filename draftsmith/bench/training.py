@@ -15,9 +15,10 @@ from transformers import AutoConfig, AutoTokenizer
 from draftsmith.bench.report import Section
 from draftsmith.draft.checkpoint import load_draft, save_draft
 from draftsmith.draft.convert import convert_base, load_base
-from draftsmith.draft.objective import draft_forward
+from draftsmith.draft.algorithms import draft_forward
 from draftsmith.embedded.conversations import generate_conversations
 from draftsmith.jsonl import write_jsonl
+from draftsmith.pipeline.artifacts import FeaturesArtifact
 from draftsmith.recipe.schema import Recipe
 from draftsmith.stages.convert import draft_meta
 from draftsmith.base_model import model_fingerprint
@@ -108,21 +109,21 @@ def training_section(model_dir: Path, recipe: Recipe, num_conversations: int = 1
     return section
 
 
-def offline_training_section(init: Path, base_dir: Path, data_dir: Path, features: dict, recipe: Recipe,
+def offline_training_section(init: Path, base_dir: Path, data_dir: Path, features: FeaturesArtifact, recipe: Recipe,
                              steps: int = 8) -> Section:
     """One process, the same model and micro batches: the base run in every step against its stored features."""
     section = Section(f"Draft training on the real base: online against offline base features ({recipe.name}, "
                       "one run)", ["base features", "steps", "tokens/s", "ratio to online"])
     online = _plain_loop_tokens_per_s(init, base_dir, data_dir, recipe, steps=steps, warmup=2)
     offline = _plain_loop_tokens_per_s(init, base_dir, data_dir, recipe, steps=steps, warmup=2,
-                                       features_dir=Path(features["features_dir"]))
+                                       features_dir=features.features_dir)
     section.add("online: the base runs in each step", steps, online, 1.0)
-    section.add(f"offline: read from the store ({features['dtype']})", steps, offline, offline / online)
+    section.add(f"offline: read from the store ({features.dtype})", steps, offline, offline / online)
     section.notes.append(
         f"A plain loop (no Ray, no DeepSpeed), every core, {recipe.training.precision}, micro batch "
         f"{recipe.training.micro_batch_size} conversations, the same batches in both rows. The store took "
-        f"{features['wall_seconds'] / 60:.1f} min to compute once ({features['tokens']:,} tokens, "
-        f"{features['bytes'] / 2**30:.2f} GiB): {features['bytes_per_token']:,.0f} bytes per token, against "
-        f"{features['bytes_per_token_bfloat16']:,} in bfloat16 and {features['bytes_per_token_float32']:,} in "
+        f"{features.wall_seconds / 60:.1f} min to compute once ({features.tokens:,} tokens, "
+        f"{features.bytes / 2**30:.2f} GiB): {features.bytes_per_token:,.0f} bytes per token, against "
+        f"{features.bytes_per_token_bfloat16:,} in bfloat16 and {features.bytes_per_token_float32:,} in "
         "float32 for the same states.")
     return section

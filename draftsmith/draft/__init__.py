@@ -1,1 +1,1 @@
-"""The draft module: its architecture, conversion onto the base, vocabulary, objective and checkpoints."""
+"""The draft module: the algorithms (one module each), conversion onto the base, vocabulary and checkpoints."""

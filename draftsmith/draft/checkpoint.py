@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from draftsmith.base_model import model_fingerprint
-from draftsmith.draft.architecture import DRAFT_PREFIX
+from draftsmith.draft.algorithms import get_algorithm
 from draftsmith.draft.convert import TORCH_DTYPES, freeze_base, load_base
 
 META_FILE = "draft_meta.json"
@@ -70,6 +70,10 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise DraftCheckpointError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        get_algorithm(meta.get("algorithm", "?"))
+    except ValueError as exc:
+        raise DraftCheckpointError(f"{meta_file}: {exc}") from None
     for name in (STATE_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise DraftCheckpointError(f"{directory} is an incomplete draft checkpoint: {name} is missing")
@@ -110,6 +114,8 @@ def load_draft(directory: str | Path, base_dir: str | Path, *, dtype: str = "flo
     base_keys = set(model.state_dict())
     state = mto.load_modelopt_state(directory / STATE_FILE, weights_only=True)
     model = mto.restore_from_modelopt_state(model, modelopt_state=state)
+    algorithm = get_algorithm(meta["algorithm"])
+    algorithm.prepare(model)
     tensors = load_file(str(directory / WEIGHTS_FILE))
     result = model.load_state_dict(tensors, strict=False)
     missing = [k for k in result.missing_keys if k not in base_keys]
@@ -118,7 +124,7 @@ def load_draft(directory: str | Path, base_dir: str | Path, *, dtype: str = "flo
             f"{directory / WEIGHTS_FILE} does not match the restored model: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
-    prefix = DRAFT_PREFIX[meta["algorithm"]]
+    prefix = algorithm.prefix
     if not any(k.startswith(prefix) for k in tensors):
         raise DraftCheckpointError(f"{directory} has no {prefix}* tensors: no speculative module in it")
     freeze_base(model, meta["algorithm"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from draftsmith.draft.architecture import DRAFT_PREFIX, DraftConfigError, convert_spec
+from draftsmith.draft.algorithms import DraftConfigError, get_algorithm
 from draftsmith.recipe.schema import DraftSettings
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def freeze_base(model: torch.nn.Module, algorithm: str) -> list[str]:
 
     ModelOpt freezes the base for EAGLE but leaves it trainable for Medusa, so this sets it either way.
     """
-    prefix = DRAFT_PREFIX[algorithm]
+    prefix = get_algorithm(algorithm).prefix
     trainable = []
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith(prefix)
@@ -44,7 +44,7 @@ def freeze_base(model: torch.nn.Module, algorithm: str) -> list[str]:
 
 
 def assert_only_draft_trainable(model: torch.nn.Module, algorithm: str) -> None:
-    prefix = DRAFT_PREFIX[algorithm]
+    prefix = get_algorithm(algorithm).prefix
     leaked = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(prefix)]
     assert not leaked, f"base parameters would train: {leaked[:5]}"
 
@@ -68,7 +68,8 @@ def convert_base(base_dir: str | Path, settings: DraftSettings, *, d2t: torch.Te
     import modelopt.torch.speculative as mtsp
 
     base_config = AutoConfig.from_pretrained(str(base_dir))
-    spec = convert_spec(settings, base_config, dtype=dtype)  # raises DraftConfigError before loading weights
+    algorithm = get_algorithm(settings.algorithm)
+    spec = algorithm.convert_spec(settings, base_config, dtype=dtype)  # raises DraftConfigError before loading weights
     model = load_base(base_dir, TORCH_DTYPES[dtype])
     torch.manual_seed(settings.seed)
     try:
@@ -78,6 +79,7 @@ def convert_base(base_dir: str | Path, settings: DraftSettings, *, d2t: torch.Te
             f"ModelOpt cannot attach a {settings.algorithm} draft to {base_dir} "
             f"({type(model).__name__}, model_type {base_config.model_type!r}): {exc}"
         ) from exc
+    algorithm.prepare(model)
     if d2t is not None:
         set_draft_vocabulary(model, d2t)
     freeze_base(model, settings.algorithm)

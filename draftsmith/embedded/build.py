@@ -22,7 +22,7 @@ from draftsmith.embedded.pretrain import llama_config, pretrain_base
 from draftsmith.embedded.tokenizer import conversation_texts, save_tokenizer, train_tokenizer
 from draftsmith.jsonl import read_jsonl, write_jsonl
 from draftsmith.monitoring import PeakMemory
-from draftsmith.pipeline.stage import read_done, write_done
+from draftsmith.pipeline.stage import read_marker, write_marker
 from draftsmith.plots import bar_plot, line_plot
 from draftsmith.recipe.loader import settings_hash
 from draftsmith.recipe.schema import EmbeddedBase
@@ -43,7 +43,7 @@ def embedded_base_dir(settings: EmbeddedBase) -> Path:
 
 
 def is_built(settings: EmbeddedBase) -> bool:
-    return read_done(embedded_base_dir(settings)) is not None
+    return read_marker(embedded_base_dir(settings)) is not None
 
 
 def evaluate_exact_match(model_dir: Path, heldout: list[Conversation], max_new_tokens: int = 96) -> dict:
@@ -58,7 +58,7 @@ def build_embedded_base(settings: EmbeddedBase, *, tracking_uri: str | None = No
     """The cached base folder for `settings`, built now if missing. Needs a Ray connection to pretrain."""
     out = embedded_base_dir(settings)
     with cache_lock(out):
-        if read_done(out) is not None:
+        if read_marker(out) is not None:
             log.info("embedded base cached at %s", out)
             return out
         if out.exists():  # a crashed earlier attempt: the build is minutes, restart it cleanly
@@ -70,8 +70,8 @@ def build_embedded_base(settings: EmbeddedBase, *, tracking_uri: str | None = No
             tracking.log_artifact(out / REPORT_FILE)
             for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
                 tracking.log_artifact(out / name, artifact_path="model")
-        write_done(out, {"stage": "embedded-base", "mlflow_run_id": run.info.run_id,
-                         "outputs": {"model_dir": str(out)}, "report": report})
+        write_marker(out, {"stage": "embedded-base", "mlflow_run_id": run.info.run_id,
+                           "outputs": {"model_dir": str(out)}, "report": report})
     return out
 
 

@@ -21,12 +21,10 @@ from collections.abc import Callable
 
 from transformers import AutoConfig
 
-from draftsmith.draft.architecture import text_config
+from draftsmith.draft.algorithms import get_algorithm
 from draftsmith.draft.checkpoint import WEIGHTS_FILE, read_meta
-from draftsmith.export.check_export import check_eagle_draft, check_medusa_export
 from draftsmith.export.draft_export import ExportError, export_draft
-from draftsmith.export.engine_configs import (UNSUPPORTED, relocate_engine_configs, relocated_engine_config,
-                                               write_engine_configs)
+from draftsmith.export.engine_configs import relocate_engine_configs, relocated_engine_config, write_engine_configs
 from draftsmith.recipe.schema import ExportSettings
 
 MANIFEST = "manifest.json"
@@ -69,26 +67,6 @@ def check_destination(out_dir: Path, digest: str) -> bool:
     return True
 
 
-def _check_draft(out_dir: Path, exported: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    meta = exported["meta"]
-    base = text_config(AutoConfig.from_pretrained(str(base_dir)))
-    if meta["algorithm"] == "medusa":
-        return {"trtllm": check_medusa_export(out_dir / exported["variants"]["trtllm"],
-                                              num_heads=meta["medusa_heads"]),
-                "vllm": check_medusa_export(out_dir / exported["variants"]["vllm"], num_heads=meta["medusa_heads"],
-                                            prefix="")}
-    config = json.loads((out_dir / exported["variants"]["trtllm"] / "config.json").read_text())
-    aux = config.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids") or []
-    num_aux = len(aux) if config.get("eagle_config", {}).get("use_aux_hidden_state") else 0
-    checks = {}
-    for variant, folder in exported["variants"].items():
-        checks[variant] = check_eagle_draft(
-            out_dir / folder, hidden_size=base.hidden_size, vocab_size=base.vocab_size, num_aux=num_aux,
-            draft_vocab_size=meta.get("draft_vocab_size"),
-            quantized=exported["quantization"] is not None and variant != "vllm_cpu")
-    return checks
-
-
 def export_bundle(*, checkpoint: Path, base_dir: Path, base_hash: str, quantized_base_dir: Path | None,
                   settings: ExportSettings, out_dir: Path,
                   verify: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -97,7 +75,7 @@ def export_bundle(*, checkpoint: Path, base_dir: Path, base_hash: str, quantized
     `verify(folder, manifest)` (the engine round trip) runs on the finished temporary folder; what it returns is
     recorded in the manifest, and an exception from it leaves nothing behind.
     """
-    meta = read_meta(checkpoint)
+    read_meta(checkpoint)  # a folder that is no draft checkpoint fails before anything is written
     digest = checkpoint_digest(checkpoint)
     if check_destination(out_dir, digest):
         return read_manifest(out_dir)
@@ -105,16 +83,17 @@ def export_bundle(*, checkpoint: Path, base_dir: Path, base_hash: str, quantized
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        exported = export_draft(checkpoint, base_dir, tmp, dtype=settings.dtype)
-        checks = _check_draft(tmp, exported, base_dir)
+        exported, meta = export_draft(checkpoint, base_dir, tmp, dtype=settings.dtype)
+        algorithm = get_algorithm(meta["algorithm"])
+        checks = algorithm.check_export(tmp, exported, meta, AutoConfig.from_pretrained(str(base_dir)))
         if quantized_base_dir is not None:
             shutil.copytree(quantized_base_dir, tmp / QUANTIZED_BASE)
         first = next(iter(checks.values()))
         manifest = {
-            "format": FORMAT, "algorithm": meta["algorithm"], "quantization": exported["quantization"],
+            "format": FORMAT, "algorithm": algorithm.name, "quantization": exported.quantization,
             "base_model": {"dir": str(Path(base_dir).resolve()), "hash": base_hash},
             "quantized_base": QUANTIZED_BASE if quantized_base_dir is not None else None,
-            "draft": {"variants": exported["variants"], "checkpoint_digest": digest,
+            "draft": {"variants": exported.variants, "checkpoint_digest": digest,
                       "aux_layer_ids": first.get("aux_layer_ids"), "checks": checks,
                       "draft_vocab_size": meta.get("draft_vocab_size"), "medusa_heads": meta.get("medusa_heads"),
                       "trained_steps": meta.get("trained_steps"), "training_run_id": meta.get("training_run_id")},
@@ -123,8 +102,8 @@ def export_bundle(*, checkpoint: Path, base_dir: Path, base_hash: str, quantized
         manifest["export_digest"] = hashlib.sha256(json.dumps(
             [digest, manifest["export_settings"], manifest["quantized_base"]], sort_keys=True).encode()).hexdigest()[:16]
         manifest["engine_configs"] = write_engine_configs(tmp, manifest, settings)
-        manifest["engines_without_config"] = {t: UNSUPPORTED[(t, meta["algorithm"])] for t in settings.targets
-                                              if t not in manifest["engine_configs"]}
+        manifest["engines_without_config"] = {t: algorithm.unsupported_reason(t) or "no draft variant for it"
+                                              for t in settings.targets if t not in manifest["engine_configs"]}
         if verify is not None:
             manifest["verification"] = verify(tmp, manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -37,7 +37,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _config(folder: Path) -> dict[str, Any]:
+def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise ExportError(f"{path} is missing")
@@ -48,7 +48,7 @@ def check_eagle_draft(folder: Path, *, hidden_size: int, vocab_size: int, num_au
                       draft_vocab_size: int | None, quantized: bool) -> dict[str, Any]:
     """Raise ExportError naming the tensor or key that is wrong; return a description of what is there."""
     folder = Path(folder)
-    config, tensors = _config(folder), _tensors(folder)
+    config, tensors = read_config(folder), _tensors(folder)
     if not any(a.endswith(("Eagle3", "Eagle")) or "Eagle" in a for a in config.get("architectures", [])):
         raise ExportError(f"{folder}/config.json: architectures {config.get('architectures')} is no EAGLE draft")
     if config.get("hidden_size") != hidden_size:
@@ -78,6 +78,74 @@ def check_eagle_draft(folder: Path, *, hidden_size: int, vocab_size: int, num_au
                               "mapped, every draft token would be read as one of the first base tokens")
         if int((torch.arange(len(d2t)) + d2t).max()) >= vocab_size:
             raise ExportError(f"{folder}/model.safetensors: d2t maps past the base vocabulary ({vocab_size})")
+    return {**_check_weights(folder, config, tensors, quantized),
+            "aux_layer_ids": config.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids")}
+
+
+def check_eagle1_draft(folder: Path, *, hidden_size: int, quantized: bool) -> dict[str, Any]:
+    """vLLM's EAGLE-1 layout (`EagleLlamaForCausalLM`): `fc` over [embeddings, hidden], decoder layers, and none
+    of the tensors its loader refuses (an own `lm_head`, a first-layer input norm)."""
+    from draftsmith.draft.algorithms.eagle1 import REFUSED_BY_VLLM, VLLM_ARCHITECTURE
+
+    folder = Path(folder)
+    config, tensors = read_config(folder), _tensors(folder)
+    if config.get("architectures") != [VLLM_ARCHITECTURE]:
+        raise ExportError(f"{folder}/config.json: architectures {config.get('architectures')}, expected "
+                          f"[{VLLM_ARCHITECTURE!r}] (vLLM's EAGLE-1 draft)")
+    if config.get("hidden_size") != hidden_size:
+        raise ExportError(f"{folder}/config.json: hidden_size {config.get('hidden_size')} != base {hidden_size}")
+    layers = int(config.get("num_hidden_layers") or 0)
+    required = ["fc.weight"] + [f"layers.{i}.{name}.weight" for i in range(layers)
+                                for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")]
+    missing = [k for k in required if k not in tensors]
+    if not layers or missing:
+        # vLLM leaves a tensor it is not given uninitialised, silently: every one must be here.
+        raise ExportError(f"{folder}/model.safetensors lacks {missing or 'layers (num_hidden_layers is 0)'}")
+    refused = [k for k in REFUSED_BY_VLLM if k in tensors]
+    if refused:
+        raise ExportError(f"{folder}/model.safetensors holds {refused}, which vLLM's EAGLE-1 loader refuses")
+    if not _has_shape(tensors["fc.weight"], (hidden_size, 2 * hidden_size)):
+        raise ExportError(f"{folder}/model.safetensors: fc.weight is {tuple(tensors['fc.weight'].shape)}, expected "
+                          f"({hidden_size}, {2 * hidden_size}) over [embeddings, hidden]")
+    return {**_check_weights(folder, config, tensors, quantized), "aux_layer_ids": None}
+
+
+def check_dflash_draft(folder: Path, *, hidden_size: int, num_base_layers: int, block_size: int, quantized: bool
+                       ) -> dict[str, Any]:
+    """vLLM's DFlash layout (`DFlashDraftModel`): `fc` over the target layers' outputs, every draft layer with its
+    q/k norms, `hidden_norm` and `norm`; target ids in ModelOpt's numbering (vLLM adds one itself)."""
+    from draftsmith.draft.algorithms.dflash import VLLM_ARCHITECTURE
+
+    folder = Path(folder)
+    config, tensors = read_config(folder), _tensors(folder)
+    if config.get("architectures") != [VLLM_ARCHITECTURE]:
+        raise ExportError(f"{folder}/config.json: architectures {config.get('architectures')}, expected "
+                          f"[{VLLM_ARCHITECTURE!r}]")
+    dflash = config.get("dflash_config") or {}
+    ids, layers = dflash.get("target_layer_ids") or [], int(config.get("num_hidden_layers") or 0)
+    if config.get("block_size") != block_size or dflash.get("mask_token_id") is None:
+        raise ExportError(f"{folder}/config.json: block_size {config.get('block_size')} (trained {block_size}) or "
+                          "dflash_config.mask_token_id missing")
+    if len(ids) != layers or not all(0 <= i < num_base_layers - 1 for i in ids):
+        raise ExportError(f"{folder}/config.json: dflash_config.target_layer_ids {ids} must be {layers} base layers "
+                          f"in 0..{num_base_layers - 2} (ModelOpt numbering; vLLM adds one)")
+    per_layer = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                 "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj")
+    required = ["fc.weight", "hidden_norm.weight", "norm.weight"] + [
+        f"layers.{i}.{name}.weight" for i in range(layers) for name in per_layer]
+    missing = [k for k in required if k not in tensors]
+    if not layers or missing:
+        raise ExportError(f"{folder}/model.safetensors lacks {missing[:6] or 'layers (num_hidden_layers is 0)'}")
+    if not _has_shape(tensors["fc.weight"], (hidden_size, len(ids) * hidden_size)):
+        raise ExportError(f"{folder}/model.safetensors: fc.weight is {tuple(tensors['fc.weight'].shape)}, expected "
+                          f"({hidden_size}, {len(ids) * hidden_size}) for {len(ids)} target layers")
+    return {**_check_weights(folder, config, tensors, quantized), "aux_layer_ids": list(ids)}
+
+
+def _check_weights(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], quantized: bool
+                   ) -> dict[str, Any]:
+    """Weights in a dtype a runtime serves; a quantized draft's quantized weights with their scales."""
     weights = {k: v for k, v in tensors.items() if k.endswith(".weight")}
     allowed = SERVED_DTYPES | (QUANTIZED_DTYPES if quantized else set())
     wrong = {k: str(v.dtype) for k, v in weights.items() if v.dtype not in allowed}
@@ -94,8 +162,7 @@ def check_eagle_draft(folder: Path, *, hidden_size: int, vocab_size: int, num_au
     return {"tensors": len(tensors), "quantized_weights": len(quantized_weights),
             "scales": sum(1 for k in tensors if k.endswith(SCALE_SUFFIXES)),
             "parameters": sum(v.numel() for k, v in tensors.items() if not k.endswith(SCALE_SUFFIXES)),
-            "dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in weights.values()}),
-            "aux_layer_ids": config.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids")}
+            "dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in weights.values()})}
 
 
 def check_medusa_export(folder: Path, *, num_heads: int, prefix: str = "medusa_heads.") -> dict[str, Any]:

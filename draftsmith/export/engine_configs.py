@@ -13,37 +13,22 @@ from typing import Any
 
 import yaml
 
+from draftsmith.draft.algorithms import DraftAlgorithm, get_algorithm
 from draftsmith.export.trtllm_schema import check_trtllm_options
 from draftsmith.recipe.schema import ExportSettings
 
 TRTLLM_FILE = "trtllm/extra_llm_api_options.yaml"
 VLLM_FILE = "vllm/speculative_config.json"
-VLLM_METHODS = {"eagle3": "eagle3", "eagle1": "eagle", "medusa": "medusa"}
-# Why an engine gets no config for an algorithm (recorded in the export's manifest).
-UNSUPPORTED = {
-    ("trtllm", "medusa"): "TensorRT-LLM ran Medusa only on its TensorRT engine backend, which its current releases "
-                          "dropped (llm_args.py has no Medusa config); the export is a HF checkpoint with "
-                          "medusa_heads.* and, for vLLM, draft-vllm/",
-}
 
 
-def trtllm_options(*, algorithm: str, draft_dir: Path, settings: ExportSettings, aux_layer_ids: list[int] | None,
-                   kv_cache_fp8: bool) -> dict[str, Any] | None:
+def trtllm_options(*, algorithm: DraftAlgorithm, draft_dir: Path, settings: ExportSettings, draft: dict[str, Any],
+                   kv_cache_fp8: bool) -> dict[str, Any]:
     """The YAML `trtllm-serve MODEL --extra_llm_api_options FILE` (newer releases also `--config`) reads.
 
-    None for Medusa: TensorRT-LLM ran Medusa only on its engine backend, which current releases dropped.
-    The speculative keys are the portable spellings: `decoding_type: Eagle` (rebuilt as Eagle3 on the PyTorch
-    backend) and `speculative_model_dir` (the field in 1.0-1.1, an accepted alias of `speculative_model` since);
-    release-specific keys such as `eagle3_one_model` are left out because a removed key fails start-up.
+    The speculative keys are the algorithm's (portable spellings; release-specific keys such as
+    `eagle3_one_model` are left out because a removed key fails start-up).
     """
-    if algorithm == "medusa":
-        return None
     trt = settings.trtllm
-    speculative: dict[str, Any] = {"decoding_type": "Eagle", "max_draft_len": settings.max_draft_len,
-                                   "speculative_model_dir": str(draft_dir)}
-    # TensorRT-LLM sizes the draft's fc for 3 captured layers unless told the ids (numbered like ModelOpt's).
-    if algorithm == "eagle3" and aux_layer_ids is not None and len(aux_layer_ids) != 3:
-        speculative["eagle3_layers_to_capture"] = list(aux_layer_ids)
     options: dict[str, Any] = {
         "max_batch_size": trt.max_batch_size,
         "max_num_tokens": trt.max_num_tokens,
@@ -52,20 +37,13 @@ def trtllm_options(*, algorithm: str, draft_dir: Path, settings: ExportSettings,
         "scheduler_config": {"capacity_scheduler_policy": trt.capacity_scheduler_policy},
         "cuda_graph_config": ({"enable_padding": True, "max_batch_size": trt.cuda_graph_max_batch_size}
                               if trt.cuda_graph_max_batch_size else None),  # on unless null
-        "speculative_config": speculative,
+        "speculative_config": algorithm.trtllm_speculative(draft_dir, settings, draft),
     }
     if kv_cache_fp8:
         options["kv_cache_config"]["dtype"] = "fp8"
     options.update(trt.extra)
     check_trtllm_options(options)
     return options
-
-
-def vllm_speculative_config(*, algorithm: str, draft_dir: Path, num_speculative_tokens: int) -> dict[str, Any]:
-    if algorithm not in VLLM_METHODS:
-        raise ValueError(f"vLLM has no loader for draftsmith's {algorithm} export")
-    return {"method": VLLM_METHODS[algorithm], "model": str(draft_dir),
-            "num_speculative_tokens": num_speculative_tokens}
 
 
 def vllm_runtime_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -105,19 +83,20 @@ def engine_config(export_dir: Path, manifest: dict[str, Any], target: str, *, se
                   device: str = "gpu") -> dict[str, Any] | None:
     """The engine config of `target` for the export in `export_dir` (vLLM: the GPU or the CPU draft variant).
 
-    None when the target cannot load this algorithm's export (see UNSUPPORTED).
+    None when the target cannot load this algorithm's export (`unsupported_reason`).
     """
     export_dir = Path(export_dir).resolve()
-    variants, algorithm = manifest["draft"]["variants"], manifest["algorithm"]
+    variants, algorithm = manifest["draft"]["variants"], get_algorithm(manifest["algorithm"])
+    if algorithm.unsupported_reason(target) is not None:
+        return None
     if target == "trtllm":
         return trtllm_options(algorithm=algorithm, draft_dir=export_dir / variants["trtllm"], settings=settings,
-                              aux_layer_ids=manifest["draft"].get("aux_layer_ids"),
+                              draft=manifest["draft"],
                               kv_cache_fp8=bool((manifest.get("quantization") or {}).get("kv_cache")))
     variant = variants.get("vllm_cpu" if device == "cpu" else "vllm")
     if variant is None:
         return None
-    return vllm_speculative_config(algorithm=algorithm, draft_dir=export_dir / variant,
-                                   num_speculative_tokens=settings.max_draft_len)
+    return algorithm.vllm_speculative(export_dir / variant, settings.max_draft_len)
 
 
 def relocated_engine_config(export_dir: Path, manifest: dict[str, Any], target: str, device: str = "gpu"

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from draftsmith import tracking
-from draftsmith.pipeline.stage import Stage, StageContext, StageResult, read_done, write_done
+from draftsmith.pipeline.stage import DONE_MARKER, OutdatedMarker, Stage, StageContext, StageResult
 from draftsmith.recipe.loader import as_jsonable, settings_hash
 from draftsmith.recipe.schema import Recipe
 
@@ -23,11 +23,17 @@ def run_stage(stage: Stage, recipe: Recipe, upstream: dict[str, StageResult],
               before_run: Callable[[Stage], None] | None = None) -> StageResult:
     fingerprint = stage.fingerprint(recipe, upstream)
     out_dir = stage_dir(recipe, stage, fingerprint)
-    done = read_done(out_dir)
+    try:
+        done = stage.read_done(out_dir)
+    except OutdatedMarker as e:  # never misread: its outputs may name other fields or mean other things
+        log.warning("stage %s: the finished run in %s was written by another version of draftsmith (%s); "
+                    "running it again", stage.name, out_dir, e)
+        (out_dir / DONE_MARKER).unlink()  # the folder is unfinished until this run's marker replaces it
+        done = None
     if done is not None:
         log.info("stage %s: done already (%s), skipping", stage.name, out_dir)
-        return StageResult(stage.name, fingerprint, out_dir, done["outputs"], skipped=True,
-                           mlflow_run_id=done.get("mlflow_run_id"))
+        return StageResult(stage.name, fingerprint, out_dir, done.artifact, skipped=True,
+                           mlflow_run_id=done.mlflow_run_id)
     if before_run is not None:
         before_run(stage)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -38,10 +44,9 @@ def run_stage(stage: Stage, recipe: Recipe, upstream: dict[str, StageResult],
     with tracking.start_run(stage.name, nested=True, tags=tags) as run:
         tracking.log_params(as_jsonable(stage.settings(recipe)))
         ctx = StageContext(recipe=recipe, upstream=upstream, mlflow_run_id=run.info.run_id)
-        outputs = stage.run(ctx, out_dir)
-        write_done(out_dir, {"stage": stage.name, "fingerprint": fingerprint, "outputs": outputs,
-                             "mlflow_run_id": run.info.run_id})
-    return StageResult(stage.name, fingerprint, out_dir, outputs, mlflow_run_id=run.info.run_id)
+        artifact = stage.run(ctx, out_dir)
+        stage.write_done(out_dir, fingerprint, artifact, run.info.run_id)
+    return StageResult(stage.name, fingerprint, out_dir, artifact, mlflow_run_id=run.info.run_id)
 
 
 def run_pipeline(recipe: Recipe, stages: list[Stage], before_run: Callable[[Stage], None] | None = None

@@ -49,11 +49,13 @@ def modelopt_config(fmt: str, *, kv_cache: bool, quantize_base: bool) -> dict[st
 
 
 def enabled_quantizers(model) -> dict[str, int]:
-    """How many quantizers are on, split into the base's and the draft's (`eagle_module.`/`medusa_heads.`)."""
+    """How many quantizers are on, split into the base's and the draft's (under any algorithm's prefix)."""
     from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from draftsmith.draft.algorithms import draft_prefixes
 
     counts = {"base": 0, "draft": 0}
     for name, module in model.named_modules():
         if isinstance(module, TensorQuantizer) and module.is_enabled:
-            counts["draft" if name.startswith(("eagle_module.", "medusa_heads.")) else "base"] += 1
+            counts["draft" if name.startswith(draft_prefixes()) else "base"] += 1
     return counts

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from draftsmith.draft.checkpoint import load_draft, save_draft
 from draftsmith.draft.convert import load_base
-from draftsmith.draft.objective import draft_forward
+from draftsmith.draft.algorithms import draft_forward
 from draftsmith.quantization.formats import enabled_quantizers, modelopt_config
 from draftsmith.recipe.schema import QuantizationSettings
 from draftsmith.training.batching import collate

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -100,11 +100,35 @@ class MedusaSettings(Strict):
     num_layers: int = Field(1, gt=0, description="Residual layers per head.")
 
 
+class DFlashSettings(Strict):
+    """DFlash (block diffusion drafting): one forward of the draft fills a block of masked positions at once."""
+
+    block_size: int = Field(4, ge=2, description="Positions per drafted block (the anchor token + block_size - 1 "
+                            "guesses); vLLM proposes block_size - 1 tokens per step.")
+    num_layers: int = Field(1, gt=0, description="Decoder layers in the draft.")
+    target_layer_ids: list[int] | None = Field(
+        None, description="Base layers whose outputs the draft reads (ModelOpt numbering: output of layer j); None "
+        "spreads num_layers of them over the base, never its last layer (vLLM reads that one before the final "
+        "norm, training after it).")
+    num_anchors: int = Field(64, gt=0, description="Blocks sampled per sequence in each training step.")
+    mask_token_id: int | None = Field(None, ge=0, description="The token the draft's masked positions embed; None "
+                                      "takes the base's pad (or end-of-sequence) token.")
+    intermediate_size: int | None = Field(None, gt=0, description="Draft MLP width; None copies the base's.")
+
+
 class DraftSettings(Strict):
-    algorithm: Literal["eagle3", "eagle1", "medusa"] = "eagle3"
+    algorithm: str = Field("eagle3", description="A registered draft algorithm (draftsmith/draft/algorithms/): "
+                           "eagle3, eagle1, medusa or dflash.")
     eagle: EagleSettings = Field(default_factory=EagleSettings)
     medusa: MedusaSettings = Field(default_factory=MedusaSettings)
+    dflash: DFlashSettings = Field(default_factory=DFlashSettings)
     seed: int = Field(0, description="Seed of the draft's random initialisation.")
+
+    @field_validator("algorithm")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        algorithm(name)  # an unknown name lists the registered ones
+        return name
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -477,10 +501,23 @@ class Recipe(Strict):
                     "(a `self_generated` source with num_heldout > 0; otherwise only the embedded base has "
                     "held-out prompts), so give each set a path"
                 )
-        if self.training.base_features == "offline" and self.draft.algorithm == "medusa":
+        if self.training.base_features == "offline" and not algorithm(self.draft.algorithm).capabilities.offline_features:
             raise ValueError(
-                "training.base_features=offline stores the states an EAGLE draft reads, but draft.algorithm=medusa; "
-                "use training.base_features=online for Medusa"
+                "training.base_features=offline stores the states an EAGLE draft reads, but "
+                f"draft.algorithm={self.draft.algorithm} does not train from them; use training.base_features=online"
+            )
+        draft = algorithm(self.draft.algorithm)
+        if self.serving.engine in RUNTIMES and (reason := draft.unsupported_reason(self.serving.engine)):
+            raise ValueError(f"serving.engine={self.serving.engine} cannot serve draft.algorithm="
+                             f"{self.draft.algorithm}: {reason}; use serving.engine=vllm")
+        if all(draft.unsupported_reason(target) for target in self.export.targets):
+            raise ValueError(f"export.targets={list(self.export.targets)}: none of them runs draft.algorithm="
+                             f"{self.draft.algorithm} ({'; '.join(draft.unsupported_reason(t) for t in self.export.targets)}); "
+                             "add vllm")
+        if self.quantization.format != "none" and not draft.capabilities.quantization:
+            raise ValueError(
+                f"quantization.format={self.quantization.format} but draft.algorithm={self.draft.algorithm} has no "
+                "quantized export yet; set quantization.format=none"
             )
         names = [p.name for p in self.evaluation.prompt_sets]
         if self.evaluation.gate_set not in names:
@@ -489,3 +526,13 @@ class Recipe(Strict):
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+def algorithm(name: str):
+    """The registered draft algorithm `name` (imported here: the algorithms import this module's types)."""
+    from draftsmith.draft.algorithms import get_algorithm
+
+    return get_algorithm(name)
+
+
+RUNTIMES = ("vllm", "trtllm")

@@ -4,31 +4,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from draftsmith.pipeline.stage import StageResult
+from draftsmith.pipeline.artifacts import BaseArtifact, DatasetArtifact, ExportArtifact, QuantizeArtifact
+from draftsmith.pipeline.stage import StageResult, output_of
 from draftsmith.provenance import git_commit
 from draftsmith.recipe.loader import settings_hash
 from draftsmith.recipe.schema import Recipe
 
 
 def lineage_tags(recipe: Recipe, upstream: dict[str, StageResult]) -> dict[str, str]:
-    base, dataset = upstream["base"].outputs, upstream["dataset"].outputs
-    export = upstream["export"].outputs
-    quantization = upstream["quantize"].outputs.get("quantization") or {}
+    base, dataset = output_of(upstream, "base", BaseArtifact), output_of(upstream, "dataset", DatasetArtifact)
+    export = output_of(upstream, "export", ExportArtifact)
+    quantization = output_of(upstream, "quantize", QuantizeArtifact).quantization
     tags: dict[str, Any] = {
-        "draftsmith.base_model": recipe.base.model, "draftsmith.base_model_dir": base["model_dir"],
-        "draftsmith.base_model_hash": base["model_hash"],
-        "draftsmith.dataset.dir": dataset["data_dir"], "draftsmith.dataset.train": dataset["train"],
-        "draftsmith.dataset.validation": dataset["validation"], "draftsmith.dataset.quarantined": dataset["quarantined"],
+        "draftsmith.base_model": recipe.base.model, "draftsmith.base_model_dir": base.model_dir,
+        "draftsmith.base_model_hash": base.model_hash,
+        "draftsmith.dataset.dir": dataset.data_dir, "draftsmith.dataset.train": dataset.train,
+        "draftsmith.dataset.validation": dataset.validation, "draftsmith.dataset.quarantined": dataset.quarantined,
         "draftsmith.algorithm": recipe.draft.algorithm,
-        "draftsmith.quantization": quantization.get("format", "none"),
-        "draftsmith.kv_cache_quantized": bool(quantization.get("kv_cache", False)),
+        "draftsmith.quantization": quantization.format if quantization else "none",
+        "draftsmith.kv_cache_quantized": bool(quantization and quantization.kv_cache),
         "draftsmith.git_commit": git_commit(), "draftsmith.recipe": recipe.name,
-        "draftsmith.recipe_hash": settings_hash(recipe), "draftsmith.export_dir": export["export_dir"],
+        "draftsmith.recipe_hash": settings_hash(recipe), "draftsmith.export_dir": export.export_dir,
     }
     for stage in ("synthesize", "train", "quantize", "qat", "export"):
         if stage in upstream and upstream[stage].mlflow_run_id:
             tags[f"draftsmith.run.{stage}"] = upstream[stage].mlflow_run_id
-    verification = export.get("verification") or {}
+    verification = export.verification
     if verification.get("acceptance_length") is not None:
         tags["draftsmith.roundtrip_acceptance_length"] = f"{verification['acceptance_length']:.3f}"
         tags["draftsmith.roundtrip_identical"] = verification["identical"]

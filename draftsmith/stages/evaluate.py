@@ -10,6 +10,7 @@ from typing import Any
 from draftsmith.evaluation.evaluate import evaluate_draft, from_export
 from draftsmith.evaluation.gate import engine_dtype
 from draftsmith.evaluation.measure import DRAFT
+from draftsmith.pipeline.artifacts import BaseArtifact, EvaluationArtifact, ExportArtifact, PromptsArtifact
 from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.recipe.schema import Recipe
 
@@ -24,12 +25,12 @@ def eval_device(recipe: Recipe) -> str:
 
 def heldout_prompts(ctx: StageContext) -> Path | None:
     """The prompts stage's held-out prompts (a prompt set with no path), if it has any."""
-    heldout = ctx.upstream["prompts"].outputs.get("heldout")
-    return Path(heldout) if heldout else None
+    return ctx.input("prompts", PromptsArtifact).heldout
 
 
 class EvaluateStage(Stage):
     name = "evaluate"
+    artifact = EvaluationArtifact
     depends_on = ("base", "prompts", "export")
 
     def needs_ray(self, recipe: Recipe) -> bool:
@@ -39,8 +40,8 @@ class EvaluateStage(Stage):
         return {"evaluation": recipe.evaluation.model_dump(mode="json", exclude=GATE_FIELDS),
                 "device": eval_device(recipe)}
 
-    def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
-        draft = from_export(ctx.upstream["export"].outputs["export_dir"], ctx.upstream["base"].outputs["model_dir"])
+    def run(self, ctx: StageContext, out_dir: Path) -> EvaluationArtifact:
+        draft = from_export(ctx.input("export", ExportArtifact).export_dir, ctx.input("base", BaseArtifact).model_dir)
         draft.heldout = heldout_prompts(ctx)
         report = evaluate_draft(draft, ctx.recipe.evaluation, out_dir, device=eval_device(ctx.recipe),
                                 vllm=ctx.recipe.vllm)
@@ -52,7 +53,8 @@ class EvaluateStage(Stage):
                         "the promotion gate will refuse this version (the engine computes in float32)" if exact else
                         "in bfloat16 verification rounds differently from one-token decoding, so the gate reports "
                         "it and relies on the export's float32 round trip")
-        return {"report": str(out_dir / "evaluation.json"), "markdown": str(out_dir / "evaluation.md"),
-                "acceptance_length": {f"{r['set']}@t={r['temperature']:g}": r[DRAFT]["acceptance_length"]
-                                      for r in report["rows"]},
-                "greedy_identical": not not_identical}
+        return EvaluationArtifact(
+            report=out_dir / "evaluation.json", markdown=out_dir / "evaluation.md",
+            acceptance_length={f"{r['set']}@t={r['temperature']:g}": r[DRAFT]["acceptance_length"]
+                               for r in report["rows"]},
+            greedy_identical=not not_identical)

@@ -10,6 +10,8 @@ from draftsmith import tracking
 from draftsmith.export.bundle import MANIFEST, export_bundle
 from draftsmith.export.engine_configs import engine_config
 from draftsmith.export.verify import RoundTripError, first_user_turns, greedy_round_trip
+from draftsmith.pipeline.artifacts import (BaseArtifact, ExportArtifact, QatArtifact, QuantizeArtifact,
+                                           SynthesisArtifact)
 from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.recipe.schema import Recipe
 
@@ -18,6 +20,7 @@ EXPORT_DIR = "export"
 
 class ExportStage(Stage):
     name = "export"
+    artifact = ExportArtifact
     depends_on = ("base", "synthesize", "quantize", "qat")
 
     def needs_ray(self, recipe: Recipe) -> bool:
@@ -26,8 +29,8 @@ class ExportStage(Stage):
     def settings(self, recipe: Recipe) -> Any:
         return recipe.export
 
-    def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
-        recipe, base = ctx.recipe, ctx.upstream["base"].outputs
+    def run(self, ctx: StageContext, out_dir: Path) -> ExportArtifact:
+        recipe, base = ctx.recipe, ctx.input("base", BaseArtifact)
         settings = recipe.export
         device = "gpu" if recipe.training.use_gpu else "cpu"
 
@@ -35,13 +38,13 @@ class ExportStage(Stage):
             config = engine_config(folder, manifest, "vllm", device=device, settings=settings)
             if settings.verify_prompts == 0 or "vllm" not in settings.targets or config is None:
                 return {"skipped": True}
-            prompts = first_user_turns(ctx.upstream["synthesize"].outputs["conversations"], settings.verify_prompts)
+            conversations = [str(p) for p in ctx.input("synthesize", SynthesisArtifact).conversations]
+            prompts = first_user_turns(conversations, settings.verify_prompts)
             # On CPU the check runs in float32: in bf16, verifying k + 1 positions in one step rounds differently
             # from decoding one token at a time, so near-tie tokens flip (2 of 4 SmolLM2 prompts did) whatever the
             # export; float32 checks the export itself.
             vllm = recipe.vllm.model_copy(update={"dtype": "float32"}) if device == "cpu" else recipe.vllm
-            result = greedy_round_trip(Path(base["model_dir"]), config, prompts, settings.verify_max_tokens, device,
-                                       vllm)
+            result = greedy_round_trip(base.model_dir, config, prompts, settings.verify_max_tokens, device, vllm)
             if not result["identical"]:
                 raise RoundTripError(
                     f"vLLM's greedy output with the exported draft differs from the base's on prompts "
@@ -49,10 +52,9 @@ class ExportStage(Stage):
                 )
             return result
 
-        quantized_base = ctx.upstream["quantize"].outputs.get("quantized_base_dir")
         manifest = export_bundle(
-            checkpoint=Path(ctx.upstream["qat"].outputs["draft_dir"]), base_dir=Path(base["model_dir"]),
-            base_hash=base["model_hash"], quantized_base_dir=Path(quantized_base) if quantized_base else None,
+            checkpoint=ctx.input("qat", QatArtifact).draft_dir, base_dir=base.model_dir, base_hash=base.model_hash,
+            quantized_base_dir=ctx.input("quantize", QuantizeArtifact).quantized_base_dir,
             settings=settings, out_dir=out_dir / EXPORT_DIR, verify=round_trip,
         )
         verification = manifest.get("verification", {})
@@ -61,6 +63,6 @@ class ExportStage(Stage):
                                   "roundtrip_identical": float(verification["identical"])})
         tracking.log_artifact(out_dir / EXPORT_DIR / MANIFEST)
         tracking.set_tags({"draftsmith.export": str((out_dir / EXPORT_DIR).resolve())})
-        return {"export_dir": str((out_dir / EXPORT_DIR).resolve()), "algorithm": manifest["algorithm"],
-                "variants": manifest["draft"]["variants"], "engine_configs": manifest["engine_configs"],
-                "verification": verification}
+        return ExportArtifact(export_dir=(out_dir / EXPORT_DIR).resolve(), algorithm=manifest["algorithm"],
+                              variants=manifest["draft"]["variants"], engine_configs=manifest["engine_configs"],
+                              verification=verification)

@@ -16,6 +16,7 @@ from draftsmith.embedded.build import HELDOUT_FILE as EMBEDDED_HELDOUT_FILE
 from draftsmith.embedded.build import heldout_conversations
 from draftsmith.embedded.conversations import Conversation, conversation_key, generate_conversations
 from draftsmith.jsonl import read_jsonl, write_jsonl
+from draftsmith.pipeline.artifacts import BaseArtifact, PromptsArtifact, PromptSource
 from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.recipe.schema import FileSource, Recipe, SelfGeneratedSource
 
@@ -32,6 +33,7 @@ def prompts_device(recipe: Recipe) -> str:
 
 class PromptsStage(Stage):
     name = "prompts"
+    artifact = PromptsArtifact
     version = 4  # self-generated sources; the held-out file is always named
     depends_on = ("base",)
 
@@ -46,29 +48,29 @@ class PromptsStage(Stage):
             **({"vllm": recipe.vllm.model_dump(mode="json"), "device": prompts_device(recipe)} if generates else {}),
         }
 
-    def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+    def run(self, ctx: StageContext, out_dir: Path) -> PromptsArtifact:
         recipe = ctx.recipe
-        base_dir = Path(ctx.upstream["base"].outputs["model_dir"])
+        base_dir = ctx.input("base", BaseArtifact).model_dir
         if not recipe.data.sources:
             return self._embedded(recipe, base_dir, out_dir)
         sources, heldout, metrics = [], [], {}
         for n, source in enumerate(recipe.data.sources):
             if isinstance(source, FileSource):
-                sources.append({"path": str(Path(source.path).expanduser().resolve()), "format": source.format})
+                sources.append(PromptSource(path=Path(source.path).expanduser().resolve(), format=source.format))
                 continue
             path, held, stats = self._self_generated(recipe, base_dir, source, n, out_dir)
-            sources.append({"path": str(path.resolve()), "format": "openai"})
+            sources.append(PromptSource(path=path.resolve(), format="openai"))
             heldout += held
             metrics.update({f"self_generated{n}/{k}": float(v) for k, v in stats.items()
                             if isinstance(v, int | float)})
-        heldout_file = None
+        heldout_file: Path | None = None
         if heldout:
-            heldout_file = str(write_jsonl(out_dir / HELDOUT_FILE, heldout).resolve())
+            heldout_file = write_jsonl(out_dir / HELDOUT_FILE, heldout).resolve()
         elif (base_dir / EMBEDDED_HELDOUT_FILE).is_file():
-            heldout_file = str((base_dir / EMBEDDED_HELDOUT_FILE).resolve())
+            heldout_file = (base_dir / EMBEDDED_HELDOUT_FILE).resolve()
         if metrics:
             tracking.log_metrics(metrics)
-        return {"sources": sources, "heldout": heldout_file, "generated": bool(metrics)}
+        return PromptsArtifact(sources=sources, heldout=heldout_file, generated=bool(metrics))
 
     def _self_generated(self, recipe: Recipe, base_dir: Path, source: SelfGeneratedSource, n: int,
                         out_dir: Path) -> tuple[Path, list[dict[str, Any]], dict[str, Any]]:
@@ -88,7 +90,7 @@ class PromptsStage(Stage):
             tracking.log_artifact(stats_file, "prompts")
         return prompts_file, read_jsonl(heldout_file), json.loads(stats_file.read_text())
 
-    def _embedded(self, recipe: Recipe, base_dir: Path, out_dir: Path) -> dict[str, Any]:
+    def _embedded(self, recipe: Recipe, base_dir: Path, out_dir: Path) -> PromptsArtifact:
         heldout = heldout_conversations(base_dir)
         corpus = recipe.base.embedded.corpus
         conversations = generate_conversations(
@@ -98,6 +100,5 @@ class PromptsStage(Stage):
         write_jsonl(out_dir / PROMPTS_FILE, (c.to_record() for c in conversations))
         write_jsonl(out_dir / HELDOUT_FILE, heldout)
         tracking.log_metrics({"prompts": len(conversations), "heldout": len(heldout)})
-        return {"sources": [{"path": str((out_dir / PROMPTS_FILE).resolve()), "format": "openai"}],
-                "heldout": str((out_dir / HELDOUT_FILE).resolve()),
-                "generated": True}
+        return PromptsArtifact(sources=[PromptSource(path=(out_dir / PROMPTS_FILE).resolve(), format="openai")],
+                               heldout=(out_dir / HELDOUT_FILE).resolve(), generated=True)

@@ -9,6 +9,7 @@ from typing import Any
 import ray
 
 from draftsmith import tracking
+from draftsmith.pipeline.artifacts import BaseArtifact, DatasetArtifact, QuantizeArtifact, TrainArtifact
 from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.quantization.formats import check_format
 from draftsmith.quantization.quantize_draft import SUMMARY_FILE, quantize_checkpoint
@@ -17,6 +18,7 @@ from draftsmith.recipe.schema import Recipe
 
 class QuantizeStage(Stage):
     name = "quantize"
+    artifact = QuantizeArtifact
     depends_on = ("base", "dataset", "train")
 
     def needs_ray(self, recipe: Recipe) -> bool:
@@ -28,12 +30,12 @@ class QuantizeStage(Stage):
         return {**recipe.quantization.model_dump(mode="json", exclude={"qat"}),
                 "micro_batch_size": recipe.training.micro_batch_size}
 
-    def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
-        recipe, train = ctx.recipe, ctx.upstream["train"].outputs
+    def run(self, ctx: StageContext, out_dir: Path) -> QuantizeArtifact:
+        recipe, train = ctx.recipe, ctx.input("train", TrainArtifact)
         if recipe.quantization.format == "none":  # nothing to do: the trained draft goes on as it is
-            return {"draft_dir": train["draft_dir"], "quantized_base_dir": None, "quantization": None}
-        kwargs = dict(checkpoint=Path(train["draft_dir"]), base_dir=Path(ctx.upstream["base"].outputs["model_dir"]),
-                      data_dir=Path(ctx.upstream["dataset"].outputs["data_dir"]), settings=recipe.quantization,
+            return QuantizeArtifact(draft_dir=train.draft_dir, quantized_base_dir=None, quantization=None)
+        kwargs = dict(checkpoint=train.draft_dir, base_dir=ctx.input("base", BaseArtifact).model_dir,
+                      data_dir=ctx.input("dataset", DatasetArtifact).data_dir, settings=recipe.quantization,
                       micro_batch_size=recipe.training.micro_batch_size,
                       validation_samples=recipe.training.validation_batches * recipe.training.micro_batch_size,
                       out_dir=out_dir)
@@ -48,4 +50,4 @@ class QuantizeStage(Stage):
         tracking.set_tags({"draftsmith.quantization": recipe.quantization.format})
         tracking.log_artifact(out_dir / SUMMARY_FILE)
         tracking.log_artifact(out_dir / "quantize_summary.json")
-        return result
+        return QuantizeArtifact.model_validate(result)

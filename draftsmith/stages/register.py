@@ -11,6 +11,7 @@ import yaml
 from draftsmith import tracking
 from draftsmith.evaluation.evaluate import from_export
 from draftsmith.evaluation.gate import promotion_gate
+from draftsmith.pipeline.artifacts import BaseArtifact, ExportArtifact, GateOutcome, RegistrationArtifact
 from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.recipe.schema import Recipe
 from draftsmith.registry.lineage import lineage_tags
@@ -22,6 +23,7 @@ RECIPE_FILE = "recipe.yaml"
 
 class RegisterStage(Stage):
     name = "register"
+    artifact = RegistrationArtifact
     version = 2  # the promotion gate
     depends_on = ("base", "prompts", "dataset", "synthesize", "train", "quantize", "qat", "export", "evaluate")
 
@@ -42,12 +44,12 @@ class RegisterStage(Stage):
     def preflight(self, recipe: Recipe) -> None:
         check_registry_name(recipe.tracking.registry_name, recipe.draft.algorithm)
 
-    def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+    def run(self, ctx: StageContext, out_dir: Path) -> RegistrationArtifact:
         recipe = ctx.recipe
         recipe_file = out_dir / RECIPE_FILE
         recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-        export_dir = Path(ctx.upstream["export"].outputs["export_dir"])
-        base_dir = Path(ctx.upstream["base"].outputs["model_dir"])
+        export_dir = ctx.input("export", ExportArtifact).export_dir
+        base_dir = ctx.input("base", BaseArtifact).model_dir
         result = register_export(
             name=recipe.tracking.registry_name, export_dir=export_dir, base_dir=base_dir, recipe_file=recipe_file,
             tags=lineage_tags(recipe, ctx.upstream),
@@ -56,6 +58,7 @@ class RegisterStage(Stage):
         )
         tracking.set_tags({"draftsmith.registered_model": result["name"],
                            "draftsmith.registered_version": result["version"]})
+        gate = None
         if recipe.evaluation.gate:
             draft = from_export(export_dir, base_dir)
             draft.heldout = heldout_prompts(ctx)
@@ -63,6 +66,7 @@ class RegisterStage(Stage):
                                       draft=draft, settings=recipe.evaluation,
                                       out_dir=out_dir / "gate", device=eval_device(recipe),
                                       vllm=recipe.vllm)
-            result.update(alias=decision["alias"], gate={k: decision[k] for k in
-                                                         ("promoted", "reason", "champion_version")})
-        return result
+            result["alias"] = decision["alias"]
+            gate = GateOutcome(promoted=decision["promoted"], reason=decision["reason"],
+                               champion_version=decision["champion_version"])
+        return RegistrationArtifact(**result, gate=gate)

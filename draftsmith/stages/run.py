@@ -36,5 +36,7 @@ def run_recipe(recipe: Recipe, until: str | None = None) -> dict[str, StageResul
 
 
 def summary(results: dict[str, StageResult]) -> dict:
-    return {name: {"skipped": r.skipped, "directory": str(r.directory), "outputs": r.outputs}
+    """The results as JSON-ready dicts (what the jobs print)."""
+    return {name: {"skipped": r.skipped, "directory": str(r.directory), "artifact": type(r.outputs).__name__,
+                   "outputs": r.outputs.model_dump(mode="json")}
             for name, r in results.items()}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from draftsmith import tracking
+from draftsmith.pipeline.artifacts import BaseArtifact, PromptsArtifact, SynthesisArtifact
 from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.recipe.schema import Recipe
 from draftsmith.synthesis.synthesize import MANIFEST, QUARANTINE_DIR, SynthesisError, synthesize_conversations
@@ -17,6 +18,7 @@ SAMPLE_SIZE = 20
 
 class SynthesizeStage(Stage):
     name = "synthesize"
+    artifact = SynthesisArtifact
     depends_on = ("base", "prompts")
 
     def settings(self, recipe: Recipe) -> dict[str, Any]:
@@ -28,10 +30,10 @@ class SynthesizeStage(Stage):
             "openai": {"max_concurrency", "max_retries", "timeout_s", "api_key_env"}})
         return {"synthesis": synthesis}
 
-    def run(self, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+    def run(self, ctx: StageContext, out_dir: Path) -> SynthesisArtifact:
         recipe = ctx.recipe
-        sources = [(s["path"], s["format"]) for s in ctx.upstream["prompts"].outputs["sources"]]
-        model_dir = Path(ctx.upstream["base"].outputs["model_dir"])
+        sources = [(str(s.path), s.format) for s in ctx.input("prompts", PromptsArtifact).sources]
+        model_dir = ctx.input("base", BaseArtifact).model_dir
         tracking.set_tags({"draftsmith.synthesis.engine": recipe.synthesis.engine,
                            "draftsmith.synthesis.output": str(out_dir)})
         try:
@@ -48,5 +50,5 @@ class SynthesizeStage(Stage):
         with open(summary["shards"][0]) as f:
             sample = [json.loads(line) for line in itertools.islice(f, SAMPLE_SIZE)]
         tracking.log_dict(sample, "sample_conversations.json")
-        return {"conversations": summary["shards"], "output_dir": summary["output_dir"],
-                "written": summary["written"], "quarantined": summary["quarantined"], "read": summary["read"]}
+        return SynthesisArtifact(conversations=summary["shards"], output_dir=summary["output_dir"],
+                                 written=summary["written"], quarantined=summary["quarantined"], read=summary["read"])

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from draftsmith.draft.architecture import aux_layer_ids, text_config
+from draftsmith.draft.algorithms import get_algorithm, text_config
 from draftsmith.recipe.schema import DraftSettings
 from draftsmith.training.layout import TRAIN_DIR, VALIDATION_DIR, split_files
 
@@ -67,16 +67,14 @@ def recipe_layout(draft: DraftSettings, base_config: Any, dtype: FeatureDtype) -
     """The layout the recipe's draft reads, from the same sizing the conversion uses (EAGLE-1: the final hidden
     state alone)."""
     cfg = text_config(base_config)
-    aux = tuple(aux_layer_ids(draft, cfg.num_hidden_layers)) if draft.algorithm == "eagle3" else ()
+    aux = get_algorithm(draft.algorithm).feature_layers(draft, cfg.num_hidden_layers)
     return FeatureLayout(aux, int(cfg.hidden_size), dtype)
 
 
-def model_layout(model: torch.nn.Module) -> tuple[tuple[int, ...], int]:
-    """(aux layer ids, hidden size) that a converted EAGLE model reads."""
+def model_layout(model: torch.nn.Module, algorithm: str) -> tuple[tuple[int, ...], int]:
+    """(aux layer ids, hidden size) that a converted model of `algorithm` reads."""
     module = getattr(model, "module", model)
-    config = module.eagle_config
-    aux = tuple(config.eagle_aux_hidden_state_layer_ids) if config.use_aux_hidden_state else ()
-    return aux, int(module.config.hidden_size)
+    return get_algorithm(algorithm).model_feature_layers(module), int(module.config.hidden_size)
 
 
 def encode(values: torch.Tensor, layout: FeatureLayout) -> dict[str, torch.Tensor]:

@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 
 from draftsmith.draft.checkpoint import LoadedDraft, load_draft, write_checkpoint
-from draftsmith.draft.objective import draft_forward
+from draftsmith.draft.algorithms import draft_forward
 from draftsmith.training.base_features import FeatureReader, FeatureStoreError, check_store_fits, model_layout
 from draftsmith.training.batching import collate, micro_batch_sequence
 from draftsmith.training.distributed import lr_lambda, rank0_mlflow, prepare_worker
 from draftsmith.training.layout import read_split
+from draftsmith.training.loop_config import LoopConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +45,21 @@ def _own_rows(data_dir: str, split: str, wanted: set[str]) -> dict[str, dict]:
     return rows
 
 
-def _feature_readers(config: dict[str, Any], model: torch.nn.Module, rows: dict[str, dict[str, dict]]
+def _feature_readers(config: LoopConfig, model: torch.nn.Module, algorithm: str, rows: dict[str, dict[str, dict]]
                      ) -> dict[str, FeatureReader] | None:
     """Offline training: a reader per split over the stored base features, checked against the draft and the
     rows before the first step (None: online, the base runs in every step)."""
-    if not config["features_dir"]:
+    if not config.features_dir:
         return None
-    check_store_fits(config["features_dir"], model_layout(model))
-    dtype = torch.bfloat16 if config["deepspeed"].get("bf16", {}).get("enabled") else torch.float32
-    readers = {split: FeatureReader(config["features_dir"], split, dtype) for split in rows}
+    check_store_fits(config.features_dir, model_layout(model, algorithm))
+    dtype = torch.bfloat16 if config.deepspeed.get("bf16", {}).get("enabled") else torch.float32
+    readers = {split: FeatureReader(config.features_dir, split, dtype) for split in rows}
     for split, split_rows in rows.items():
         for source, row in split_rows.items():
             stored = readers[split].num_tokens(source)
             if stored != len(row["input_ids"]):
                 raise FeatureStoreError(
-                    f"{config['features_dir']} holds {stored} tokens of features for {source}, which has "
+                    f"{config.features_dir} holds {stored} tokens of features for {source}, which has "
                     f"{len(row['input_ids'])}; the store was computed from other data: re-run the features stage"
                 )
     return readers
@@ -142,7 +143,7 @@ def _draft_state(model: torch.nn.Module, base_keys: set[str]) -> dict[str, torch
     return tensors
 
 
-def _report_checkpoint(engine, loaded: LoadedDraft, progress: dict, metrics: dict, config: dict,
+def _report_checkpoint(engine, loaded: LoadedDraft, progress: dict, metrics: dict, config: LoopConfig,
                        log_to_mlflow: bool) -> None:
     """Every rank writes its DeepSpeed shard; rank 0 adds the draft and the progress record; Ray merges them.
 
@@ -157,7 +158,7 @@ def _report_checkpoint(engine, loaded: LoadedDraft, progress: dict, metrics: dic
         tensors = _draft_state(engine.module, loaded.base_keys)
         if ray.train.get_context().get_world_rank() == 0:
             meta = {**loaded.meta, "step": step, "trained_steps": loaded.meta.get("trained_steps", 0) + step,
-                    "training_run_id": config["run_id"]}
+                    "training_run_id": config.run_id}
             write_checkpoint(tmp / DRAFT_DIR, modelopt_state=mto.modelopt_state(engine.module), tensors=tensors,
                              meta=meta)
             (tmp / PROGRESS_FILE).write_text(json.dumps({**progress, "metrics": metrics}))
@@ -170,28 +171,28 @@ def _report_checkpoint(engine, loaded: LoadedDraft, progress: dict, metrics: dic
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def train_worker(config: dict[str, Any]) -> None:
+def train_worker(loop_config: dict[str, Any]) -> None:
     # ModelOpt imports its vLLM plugin, and with it all of vLLM (about 4 s of a core), wherever vLLM is installed;
     # a training worker never runs vLLM, so the import fails fast here and ModelOpt skips the plugin.
     sys.modules.setdefault("vllm", None)
     import deepspeed
 
+    config = LoopConfig.model_validate(loop_config)  # Ray Train hands over `LoopConfig.model_dump()`
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     prepare_worker(ctx.get_local_world_size())
-    torch.manual_seed(config["seed"] + rank)
-    loaded = load_draft(config["init_checkpoint"], config["base_dir"])
+    torch.manual_seed(config.seed + rank)
+    loaded = load_draft(config.init_checkpoint, config.base_dir)
     model, algorithm = loaded.model, loaded.meta["algorithm"]
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config["lr"], betas=tuple(config["betas"]),
-                                  weight_decay=config["weight_decay"])
-    total = config["steps"]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    total = config.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
-        warmup_steps=config["warmup_steps"], total_steps=total, schedule=config["schedule"],
-        min_ratio=config["min_lr_ratio"]))
+        warmup_steps=config.warmup_steps, total_steps=total, schedule=config.schedule,
+        min_ratio=config.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
-                                           lr_scheduler=scheduler, config=config["deepspeed"])
+                                           lr_scheduler=scheduler, config=config.deepspeed)
     progress: dict[str, Any] = {"step": 0, "resumed_from": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -203,26 +204,26 @@ def train_worker(config: dict[str, Any]) -> None:
         log.info("rank %d resumed at step %d", rank, progress["step"])
 
     base_checksum = _base_checksum(engine.module, loaded.base_keys)
-    plan, val_plan = config["plan"][rank], config["validation_plan"][rank]
-    rows = _own_rows(config["data_dir"], "train", {c for batch in plan for c in batch})
-    val_rows = _own_rows(config["data_dir"], "validation", {c for batch in val_plan for c in batch})
-    readers = _feature_readers(config, engine.module, {"train": rows, "validation": val_rows})
+    plan, val_plan = config.plan[rank], config.validation_plan[rank]
+    rows = _own_rows(config.data_dir, "train", {c for batch in plan for c in batch})
+    val_rows = _own_rows(config.data_dir, "validation", {c for batch in val_plan for c in batch})
+    readers = _feature_readers(config, engine.module, algorithm, {"train": rows, "validation": val_rows})
     device = engine.device
 
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def make_batch(sources: list[str], split: str, split_rows: dict[str, dict]) -> dict[str, torch.Tensor]:
-        return to_device(_batch(sources, split_rows, config["pad_id"], readers and readers[split]))
+        return to_device(_batch(sources, split_rows, config.pad_id, readers and readers[split]))
 
     val_batches = [make_batch(batch, "validation", val_rows) for batch in val_plan]
-    accumulation = config["grad_accumulation"]
-    sequence = micro_batch_sequence(len(plan), start=progress["step"] * accumulation, seed=config["seed"], rank=rank)
-    num_acc = config["num_accuracies"]
+    accumulation = config.grad_accumulation
+    sequence = micro_batch_sequence(len(plan), start=progress["step"] * accumulation, seed=config.seed, rank=rank)
+    num_acc = config.num_accuracies
     window = _Window(num_acc)
     last: dict[str, float] = {}
 
-    with rank0_mlflow(config["tracking_uri"], config["run_id"]) as logs:
+    with rank0_mlflow(config.tracking_uri, config.run_id) as logs:
         import mlflow
 
         def log_metrics(metrics: dict[str, float], step: int) -> None:
@@ -243,7 +244,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 window.add(loss.item(), accs, int(batch["attention_mask"].sum()))
             progress["step"] += 1
             step = progress["step"]
-            if step % config["log_every"] == 0 or step == total:
+            if step % config.log_every == 0 or step == total:
                 last = window.reduce("train")
                 last["train/lr"] = scheduler.get_last_lr()[0]
                 log_metrics(last, step)
@@ -251,7 +252,7 @@ def train_worker(config: dict[str, Any]) -> None:
                     log.info("step %d/%d loss %.4f acc %s", step, total, last["train/loss"],
                              [round(last[f"train/acc_step{k + 1}"], 3) for k in range(num_acc)])
                 window.reset()
-            if step % config["eval_every"] == 0 or step == total:
+            if step % config.eval_every == 0 or step == total:
                 val = _validate(engine, val_batches, algorithm, num_acc)
                 log_metrics(val, step)
                 last.update(val)
@@ -260,7 +261,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 if _base_checksum(engine.module, loaded.base_keys) != base_checksum:
                     raise RuntimeError("the base model's weights changed during draft training")
                 progress["base_unchanged"] = True
-            if step % config["checkpoint_every"] == 0 or step == total:
+            if step % config.checkpoint_every == 0 or step == total:
                 _report_checkpoint(engine, loaded, progress, last, config, logs)
             if window.batches == 0:  # validation and checkpoints do not count against training throughput
                 window.started = time.perf_counter()

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from transformers import AutoTokenizer
 
 from draftsmith import tracking
+from draftsmith.draft.algorithms import get_algorithm
 from draftsmith.draft.checkpoint import check_compatible
 from draftsmith.plots import line_plot
 from draftsmith.recipe.schema import TrainingSettings
@@ -24,6 +25,7 @@ from draftsmith.training.distributed import deepspeed_config, run_torch_trainer
 from draftsmith.training.draft_data import DraftDataError
 from draftsmith.training.draft_worker import DRAFT_DIR, PROGRESS_FILE, train_worker
 from draftsmith.training.layout import read_split
+from draftsmith.training.loop_config import LoopConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ def latest_committed_checkpoint(out_dir: Path) -> Path | None:
 
 
 def num_accuracies(meta: dict[str, Any]) -> int:
-    return meta["medusa_heads"] if meta["algorithm"] == "medusa" else meta["ttt_steps"]
+    return get_algorithm(meta["algorithm"]).num_accuracies(meta)
 
 
 def _plan(data_dir: Path, split: str, settings: TrainingSettings, *, shuffle: bool) -> list[list[list[str]]]:
@@ -113,29 +115,29 @@ def train_draft(*, init_checkpoint: Path, base_dir: Path, data_dir: Path, settin
         log.info("resuming from %s", previous)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loop_config = {
-        "init_checkpoint": str(Path(init_checkpoint).resolve()), "base_dir": str(Path(base_dir).resolve()),
-        "data_dir": str(Path(data_dir).resolve()),
-        "features_dir": str(Path(features_dir).resolve()) if features_dir is not None else None,
-        "plan": plan, "validation_plan": validation_plan, "pad_id": pad_id,
-        "num_accuracies": num_accuracies(meta),
-        "deepspeed": deepspeed_config(zero_stage=settings.zero_stage, precision=settings.precision,
-                                      micro_batch_size=settings.micro_batch_size,
-                                      grad_accumulation=settings.grad_accumulation, grad_clip=settings.grad_clip,
-                                      world_size=settings.num_workers),
-        "steps": steps, "lr": lr or settings.lr, "betas": list(settings.betas), "weight_decay": settings.weight_decay,
-        "warmup_steps": min(settings.warmup_steps, steps // 2), "schedule": settings.schedule,
-        "min_lr_ratio": settings.min_lr_ratio, "grad_accumulation": settings.grad_accumulation,
-        "log_every": settings.log_every, "eval_every": settings.eval_every,
-        "checkpoint_every": settings.checkpoint_every, "seed": settings.seed,
-        "tracking_uri": tracking.current_uri() if run_id else None, "run_id": run_id,
-    }
+    loop = LoopConfig(
+        init_checkpoint=str(Path(init_checkpoint).resolve()), base_dir=str(Path(base_dir).resolve()),
+        data_dir=str(Path(data_dir).resolve()),
+        features_dir=str(Path(features_dir).resolve()) if features_dir is not None else None,
+        plan=plan, validation_plan=validation_plan, pad_id=pad_id,
+        num_accuracies=num_accuracies(meta),
+        deepspeed=deepspeed_config(zero_stage=settings.zero_stage, precision=settings.precision,
+                                   micro_batch_size=settings.micro_batch_size,
+                                   grad_accumulation=settings.grad_accumulation, grad_clip=settings.grad_clip,
+                                   world_size=settings.num_workers),
+        steps=steps, lr=lr or settings.lr, betas=settings.betas, weight_decay=settings.weight_decay,
+        warmup_steps=min(settings.warmup_steps, steps // 2), schedule=settings.schedule,
+        min_lr_ratio=settings.min_lr_ratio, grad_accumulation=settings.grad_accumulation,
+        log_every=settings.log_every, eval_every=settings.eval_every,
+        checkpoint_every=settings.checkpoint_every, seed=settings.seed,
+        tracking_uri=tracking.current_uri() if run_id else None, run_id=run_id,
+    )
     batches_per_epoch = len(plan[0]) // settings.grad_accumulation
     log.info("training a %s draft: %d steps on %d workers (%d steps per epoch; the base's features %s)",
              meta["algorithm"], steps, settings.num_workers, batches_per_epoch,
              "online" if features_dir is None else f"from {features_dir}")
     result = run_torch_trainer(
-        train_worker, loop_config, name=RUN_NAME, storage_path=out_dir / RAY_TRAIN_DIR,
+        train_worker, loop.model_dump(), name=RUN_NAME, storage_path=out_dir / RAY_TRAIN_DIR,
         num_workers=settings.num_workers, use_gpu=settings.use_gpu,
         max_failures=settings.max_failures, keep_checkpoints=settings.keep_checkpoints,
     )

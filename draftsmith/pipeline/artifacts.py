@@ -1,0 +1,180 @@
+"""What each stage hands the next: one frozen, typed model per stage, stored in the stage's `_DONE.json`.
+
+A stage returns its artifact from `run`; downstream stages read attributes (`ctx.input("base", BaseArtifact)
+.model_dir`), so a renamed field fails when the code is loaded or the marker is read, not hours into a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Frozen(BaseModel):
+    """Read-only, and an unknown field is an error (an older or newer layout is never half-read)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Artifact(Frozen):
+    """The outputs of one finished stage."""
+
+
+class BaseArtifact(Artifact):
+    """Stage `base`: the frozen base model's folder."""
+
+    model_dir: Path = Field(description="The base model's Hugging Face folder.")
+    model_hash: str = Field(description="Fingerprint of the folder's content.")
+    embedded: bool = Field(description="Whether it is the embedded base built from the recipe.")
+
+
+class PromptSource(Frozen):
+    """One prompt file synthesis reads."""
+
+    path: Path
+    format: Literal["auto", "openai", "sharegpt", "mtbench"]
+
+
+class PromptsArtifact(Artifact):
+    """Stage `prompts`: the conversations synthesis answers and the held-out prompts evaluation uses."""
+
+    sources: list[PromptSource]
+    heldout: Path | None = Field(description="Held-out prompts (jsonl), if the recipe has any.")
+    generated: bool = Field(description="Whether any prompts were written by this stage (embedded or self-generated).")
+
+
+class SynthesisArtifact(Artifact):
+    """Stage `synthesize`: the base's answers, as conversation shards."""
+
+    conversations: list[Path] = Field(description="The conversation shards (OpenAI chat jsonl).")
+    output_dir: Path
+    written: int
+    quarantined: int
+    read: int
+
+
+class DatasetArtifact(Artifact):
+    """Stage `dataset`: the tokenized train and validation splits (`prepare_training_data`'s summary)."""
+
+    data_dir: Path
+    files: int
+    conversations: int
+    usable: int
+    quarantined: int
+    bad_share: float
+    train: int = Field(description="Conversations in the train split.")
+    validation: int = Field(description="Conversations in the validation split.")
+    truncated: int
+    tokens: int
+    target_tokens: int
+    distinct_target_tokens: int
+
+
+class ConvertArtifact(Artifact):
+    """Stage `convert`: the untrained draft checkpoint and its vocabulary mapping's report."""
+
+    draft_dir: Path = Field(description="The draft checkpoint (ModelOpt state + draft tensors + meta).")
+    algorithm: str
+    draft_parameters: int
+    base_parameters: int
+    draft_vocab_size: int
+    base_vocab_size: int
+    # Only with a reduced draft vocabulary (`draft_vocabulary`'s report):
+    distinct_target_tokens: int | None = None
+    target_token_coverage: float | None = Field(None, description="Share of target tokens the draft can predict.")
+
+
+class FeaturesArtifact(Artifact):
+    """Stage `features`: the stored base states (the store's manifest, less its format tag)."""
+
+    features_dir: Path
+    aux_layer_ids: list[int]
+    hidden_size: int
+    dtype: str = Field(description="Storage dtype of the features.")
+    compute_dtype: str
+    parts: int
+    tokens: int
+    bytes: int  # on disk
+    bytes_per_token: float
+    bytes_per_token_bfloat16: int
+    bytes_per_token_float32: int
+    compute_seconds: float
+    wall_seconds: float
+
+
+class TrainArtifact(Artifact):
+    """Stage `train`: the trained draft checkpoint and its final metrics."""
+
+    draft_dir: Path
+    steps: int
+    resumed_from: list[int] = Field(description="Steps at which the run was resumed, if any.")
+    metrics: dict[str, float] = Field(description="The last logged train/ and val/ metrics.")
+    base_features: Literal["online", "offline"]
+
+
+class QuantizationInfo(Frozen):
+    """How a draft was quantized (also in its checkpoint's meta)."""
+
+    format: str
+    kv_cache: bool
+    base: bool = Field(description="Whether the base was quantized too.")
+    calibration_samples: int
+
+
+class QuantizeArtifact(Artifact):
+    """Stage `quantize`: the fake-quantized draft (or the trained one as it is, with no quantization)."""
+
+    draft_dir: Path
+    quantized_base_dir: Path | None
+    quantization: QuantizationInfo | None = Field(description="None: `quantization.format: none`.")
+    quantizers: dict[str, int] | None = Field(None, description="Enabled quantizers on the draft and the base.")
+    validation: dict[str, dict[str, float]] | None = Field(None, description="Validation metrics, bf16 and PTQ.")
+
+
+class QatArtifact(Artifact):
+    """Stage `qat`: the QAT-finetuned draft (or the quantize stage's, when there is nothing to finetune)."""
+
+    draft_dir: Path
+    steps: int
+    report: dict[str, dict[str, float]] | None = Field(description="Validation of bf16, PTQ and QAT; None: no QAT.")
+
+
+class ExportArtifact(Artifact):
+    """Stage `export`: the export folder and what its manifest says about it."""
+
+    export_dir: Path
+    algorithm: str
+    variants: dict[str, str] = Field(description="Draft variant name -> folder within the export.")
+    engine_configs: dict[str, str] = Field(description="Runtime -> its config file within the export.")
+    verification: dict[str, Any] = Field(description="The greedy round trip through vLLM ({'skipped': True} or "
+                                                     "empty when not run).")
+
+
+class EvaluationArtifact(Artifact):
+    """Stage `evaluate`: the evaluation report and its headline figures."""
+
+    report: Path = Field(description="evaluation.json")
+    markdown: Path = Field(description="evaluation.md")
+    acceptance_length: dict[str, float | None] = Field(description="'SET@t=TEMP' -> the draft's acceptance length.")
+    greedy_identical: bool
+
+
+class GateOutcome(Frozen):
+    """The promotion gate's decision."""
+
+    promoted: bool
+    reason: str
+    champion_version: str | None
+
+
+class RegistrationArtifact(Artifact):
+    """Stage `register`: the registered model version."""
+
+    name: str
+    version: str
+    model_uri: str
+    alias: str | None
+    reused: bool = Field(description="Whether the export was registered already and that version was found.")
+    gate: GateOutcome | None = Field(None, description="None: the recipe has no promotion gate.")
