@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -12,7 +13,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from draftsmith.draft.algorithms import DraftConfigError, get_algorithm
-from draftsmith.draft.checkpoint import DraftCheckpointError, check_compatible, load_draft, save_draft
+from draftsmith.draft.checkpoint import (DraftCheckpointError, DraftMeta, check_compatible, load_draft,
+                                         save_draft)
 from draftsmith.draft.convert import convert_base, load_base
 from draftsmith.draft.algorithms import draft_forward
 from draftsmith.draft.vocab import draft_vocabulary
@@ -82,7 +84,7 @@ def test_converts_trains_and_restores_exactly(kind, algorithm, tmp_path):
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(prefix))
 
     base_keys = set(load_base(base_dir).state_dict())
-    meta = {"algorithm": algorithm, "base_model_hash": model_fingerprint(base_dir), "base_model_dir": base_dir}
+    meta = DraftMeta(algorithm=algorithm, base_model_hash=model_fingerprint(base_dir), base_model_dir=str(base_dir))
     save_draft(model, tmp_path / "draft", base_keys=base_keys, meta=meta)
     stored = load_file(str(tmp_path / "draft" / "draft.safetensors"))
     assert stored and all(k.startswith(prefix) for k in stored)  # the base is never copied into a checkpoint
@@ -133,13 +135,22 @@ def test_base_modelopt_cannot_convert_fails_clearly(tmp_path):
 def test_checkpoint_from_another_algorithm_or_base_is_refused(tmp_path):
     base_dir = _tiny_base("llama", tmp_path / "base")
     model = convert_base(base_dir, _settings("medusa"))
-    meta = {"algorithm": "medusa", "base_model_hash": model_fingerprint(base_dir), "base_model_dir": base_dir}
+    meta = DraftMeta(algorithm="medusa", base_model_hash=model_fingerprint(base_dir), base_model_dir=str(base_dir))
     save_draft(model, tmp_path / "draft", base_keys=set(load_base(base_dir).state_dict()), meta=meta)
     with pytest.raises(DraftCheckpointError, match="holds a medusa draft but the recipe trains draft.algorithm=eagle3"):
         check_compatible(tmp_path / "draft", algorithm="eagle3", base_dir=base_dir)
     other = _tiny_base("qwen2", tmp_path / "other")
     with pytest.raises(DraftCheckpointError, match="was made for base"):
         check_compatible(tmp_path / "draft", algorithm="medusa", base_dir=other)
+    # A meta file of another algorithm's name or with keys this version does not know: one line naming the file.
+    meta_file = tmp_path / "draft" / "draft_meta.json"
+    record = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**record, "algorithm": "hydra"}))
+    with pytest.raises(DraftCheckpointError, match=r"draft_meta.json: unknown draft algorithm 'hydra'"):
+        check_compatible(tmp_path / "draft", algorithm="medusa", base_dir=base_dir)
+    meta_file.write_text(json.dumps({**record, "heads": 3}))
+    with pytest.raises(DraftCheckpointError, match=r"draft_meta.json: key 'heads': Extra inputs are not permitted"):
+        check_compatible(tmp_path / "draft", algorithm="medusa", base_dir=base_dir)
     shutil.rmtree(tmp_path / "base")
     with pytest.raises(DraftCheckpointError, match="not a draft checkpoint"):
         check_compatible(tmp_path, algorithm="medusa", base_dir=other)

@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from draftsmith.base_model import model_fingerprint
-from draftsmith.draft.checkpoint import load_draft, save_draft
+from draftsmith.draft.checkpoint import DraftMeta, load_draft, save_draft
 from draftsmith.draft.convert import base_state_keys, convert_base
 from draftsmith.export.bundle import export_bundle
 from draftsmith.export.check_export import check_eagle1_draft
@@ -40,9 +40,9 @@ def exported(tmp_path_factory):
             else:
                 param.copy_(torch.randn_like(param) * 2 / param.shape[-1] ** 0.5)
             param.copy_(param.to(torch.bfloat16))  # so the bf16 export holds exactly the weights ModelOpt ran
-    meta = {"algorithm": "eagle1", "base_model_dir": str(root / "base"),
+    meta = DraftMeta(**{"algorithm": "eagle1", "base_model_dir": str(root / "base"),
             "base_model_hash": model_fingerprint(root / "base"), "ttt_steps": STEPS, "draft_vocab_size": None,
-            "quantization": None, "step": 0, "trained_steps": 0}
+            "quantization": None, "step": 0, "trained_steps": 0})
     checkpoint = save_draft(model, root / "ckpt", base_keys=base_state_keys(root / "base"), meta=meta)
     manifest = export_bundle(checkpoint=checkpoint, base_dir=root / "base",
                              base_hash=model_fingerprint(root / "base"), quantized_base_dir=None,

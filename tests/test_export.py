@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import run_job_here
 from draftsmith.base_model import model_fingerprint
-from draftsmith.draft.checkpoint import DraftCheckpointError, save_draft
+from draftsmith.draft.checkpoint import DraftCheckpointError, DraftMeta, save_draft
 from draftsmith.draft.convert import convert_base, load_base
 from draftsmith.draft.algorithms import draft_forward, get_algorithm
 from draftsmith.draft.vocab import draft_vocabulary
@@ -66,9 +66,10 @@ def _checkpoint(base_dir, folder, algorithm="eagle3", quantize=False, seed=0):
 
         mtq.quantize(model, modelopt_config("fp8", kv_cache=True, quantize_base=True), forward_loop)
         quantization = {"format": "fp8", "kv_cache": True, "base": True, "calibration_samples": 2}
-    meta = {"algorithm": algorithm, "base_model_dir": str(base_dir), "base_model_hash": model_fingerprint(base_dir),
+    meta = DraftMeta(**{"algorithm": algorithm, "base_model_dir": str(base_dir),
+                        "base_model_hash": model_fingerprint(base_dir),
             "ttt_steps": 3, "medusa_heads": 3, "draft_vocab_size": DRAFT_VOCAB if reduced else None,
-            "quantization": quantization, "step": 0, "trained_steps": 0}
+            "quantization": quantization, "step": 0, "trained_steps": 0})
     return save_draft(model, folder, base_keys=base_keys, meta=meta)
 
 

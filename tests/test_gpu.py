@@ -120,16 +120,16 @@ def test_quantize_and_export_on_cuda(fmt, base_dir, data_dir, tmp_path, figures)
     from safetensors.torch import load_file
 
     from draftsmith.base_model import model_fingerprint
-    from draftsmith.draft.checkpoint import save_draft
+    from draftsmith.draft.checkpoint import DraftMeta, save_draft
     from draftsmith.draft.convert import base_state_keys, convert_base
     from draftsmith.export.bundle import export_bundle
     from draftsmith.quantization.quantize_draft import quantize_checkpoint
     from draftsmith.recipe.schema import ExportSettings, QuantizationSettings
 
     draft = save_draft(convert_base(base_dir, _settings()), tmp_path / "draft", base_keys=base_state_keys(base_dir),
-                       meta={"algorithm": "eagle3", "base_model_dir": str(base_dir),
+                       meta=DraftMeta(**{"algorithm": "eagle3", "base_model_dir": str(base_dir),
                              "base_model_hash": model_fingerprint(base_dir), "ttt_steps": 3, "medusa_heads": 3,
-                             "draft_vocab_size": None, "quantization": None, "step": 0, "trained_steps": 0})
+                             "draft_vocab_size": None, "quantization": None, "step": 0, "trained_steps": 0}))
     (tmp_path / "q").mkdir()
     started = time.perf_counter()
     quantized = quantize_checkpoint(

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from draftsmith.base_model import model_fingerprint
-from draftsmith.draft.checkpoint import load_draft, save_draft
+from draftsmith.draft.checkpoint import DraftMeta, load_draft, save_draft
 from draftsmith.draft.convert import base_state_keys, convert_base
 from draftsmith.draft.algorithms import draft_forward
 from draftsmith.export.bundle import export_bundle
@@ -73,16 +73,17 @@ def test_draft_only_quantization_leaves_the_base_unquantized(base_dir):
 def test_quantized_checkpoint_restores_and_exports(base_dir, tmp_path, fmt, cpu_variant):
     model = _quantized(base_dir, fmt, quantize_base=True)
     reference = draft_forward(model, _batch(7), "eagle3")[0].item()
-    meta = {"algorithm": "eagle3", "base_model_dir": str(base_dir), "base_model_hash": model_fingerprint(base_dir),
+    meta = DraftMeta(**{"algorithm": "eagle3", "base_model_dir": str(base_dir),
+                        "base_model_hash": model_fingerprint(base_dir),
             "ttt_steps": 3, "medusa_heads": 3, "draft_vocab_size": None, "step": 0, "trained_steps": 0,
-            "quantization": {"format": fmt, "kv_cache": True, "base": True, "calibration_samples": 4}}
+            "quantization": {"format": fmt, "kv_cache": True, "base": True, "calibration_samples": 4}})
     save_draft(model, tmp_path / "ckpt", base_keys=base_state_keys(base_dir), meta=meta)
     restored = load_draft(tmp_path / "ckpt", base_dir).model
     restored.train()
     # int4_awq restores to within float rounding (3e-5 relative seen), the others exactly
     assert draft_forward(restored, _batch(7), "eagle3")[0].item() == pytest.approx(reference, rel=1e-4)
 
-    manifest = export_bundle(checkpoint=tmp_path / "ckpt", base_dir=base_dir, base_hash=meta["base_model_hash"],
+    manifest = export_bundle(checkpoint=tmp_path / "ckpt", base_dir=base_dir, base_hash=meta.base_model_hash,
                              quantized_base_dir=None, settings=ExportSettings(), out_dir=tmp_path / "export")
     assert manifest["draft"]["variants"].get("vllm_cpu") == cpu_variant
     assert manifest["draft"]["checks"]["trtllm"]["quantized_weights"] > 0

@@ -84,7 +84,7 @@ def export_bundle(*, checkpoint: Path, base_dir: Path, base_hash: str, quantized
     tmp.mkdir(parents=True)
     try:
         exported, meta = export_draft(checkpoint, base_dir, tmp, dtype=settings.dtype)
-        algorithm = get_algorithm(meta["algorithm"])
+        algorithm = get_algorithm(meta.algorithm)
         checks = algorithm.check_export(tmp, exported, meta, AutoConfig.from_pretrained(str(base_dir)))
         if quantized_base_dir is not None:
             shutil.copytree(quantized_base_dir, tmp / QUANTIZED_BASE)
@@ -95,8 +95,9 @@ def export_bundle(*, checkpoint: Path, base_dir: Path, base_hash: str, quantized
             "quantized_base": QUANTIZED_BASE if quantized_base_dir is not None else None,
             "draft": {"variants": exported.variants, "checkpoint_digest": digest,
                       "aux_layer_ids": first.get("aux_layer_ids"), "checks": checks,
-                      "draft_vocab_size": meta.get("draft_vocab_size"), "medusa_heads": meta.get("medusa_heads"),
-                      "trained_steps": meta.get("trained_steps"), "training_run_id": meta.get("training_run_id")},
+                      "draft_vocab_size": meta.draft_vocab_size, "medusa_heads": meta.medusa_heads,
+                      "block_size": meta.block_size, "trained_steps": meta.trained_steps,
+                      "training_run_id": meta.training_run_id},
             "export_settings": settings.model_dump(mode="json"),
         }
         manifest["export_digest"] = hashlib.sha256(json.dumps(

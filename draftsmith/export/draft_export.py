@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from draftsmith.draft.algorithms import ExportedDraft, get_algorithm
-from draftsmith.draft.checkpoint import load_draft
+from draftsmith.draft.checkpoint import DraftMeta, load_draft
 
 TRTLLM_DRAFT = "draft"
 VLLM_DRAFT = "draft-vllm"
@@ -65,7 +65,18 @@ def dequantize_folder(source: Path, target: Path, dtype: torch.dtype) -> None:
     (target / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def export_draft(checkpoint: Path, base_dir: Path, out_dir: Path, *, dtype: str) -> tuple[ExportedDraft, dict]:
+def export_draft(checkpoint: Path, base_dir: Path, out_dir: Path, *, dtype: str) -> tuple[ExportedDraft, DraftMeta]:
     """Write the draft's variants under `out_dir` with its algorithm's exporter; returns them and the draft's meta."""
     loaded = load_draft(checkpoint, base_dir)
-    return get_algorithm(loaded.meta["algorithm"]).export(loaded, out_dir, dtype=DTYPES[dtype]), loaded.meta
+    return get_algorithm(loaded.meta.algorithm).export(loaded, out_dir, dtype=DTYPES[dtype]), loaded.meta
+
+
+def vllm_cpu_variant(out_dir: Path, quantization: dict | None, dtype: torch.dtype) -> dict[str, str]:
+    """The variant vLLM's CPU build loads, beside `draft-vllm/`: the same folder when unquantized, its dequantized
+    copy for FP8/INT8 (no such kernels on CPU), none for packed 4-bit formats."""
+    if quantization is None:
+        return {"vllm_cpu": VLLM_DRAFT}
+    if quantization["format"] in ("fp8", "int8"):
+        dequantize_folder(out_dir / VLLM_DRAFT, out_dir / VLLM_CPU_DRAFT, dtype)
+        return {"vllm_cpu": VLLM_CPU_DRAFT}
+    return {}

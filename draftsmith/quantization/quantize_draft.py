@@ -102,7 +102,7 @@ def quantize_checkpoint(*, checkpoint: Path, base_dir: Path, data_dir: Path, set
     import modelopt.torch.quantization as mtq
 
     loaded = load_draft(checkpoint, base_dir)
-    model, algorithm = loaded.model.to(device), loaded.meta["algorithm"]
+    model, algorithm = loaded.model.to(device), loaded.meta.algorithm
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -132,7 +132,7 @@ def quantize_checkpoint(*, checkpoint: Path, base_dir: Path, data_dir: Path, set
     quantization = {"format": settings.format, "kv_cache": settings.quantize_kv_cache,
                     "base": settings.quantize_base, "calibration_samples": sum(len(b["input_ids"]) for b in calibration)}
     save_draft(model.to("cpu"), out_dir / DRAFT_DIR, base_keys=loaded.base_keys,
-               meta={**loaded.meta, "quantization": quantization, "step": 0})
+               meta=loaded.meta.model_copy(update={"quantization": quantization, "step": 0}))
     del model, loaded  # the base alone comes next: do not hold two copies of it on the device
     base_export = None
     if settings.quantize_base:

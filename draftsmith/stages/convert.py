@@ -14,7 +14,7 @@ from transformers import AutoConfig
 from draftsmith import tracking
 from draftsmith.base_model import resolve_base_folder
 from draftsmith.draft.algorithms import get_algorithm, text_config
-from draftsmith.draft.checkpoint import save_draft
+from draftsmith.draft.checkpoint import DraftMeta, save_draft
 from draftsmith.draft.convert import base_state_keys, convert_base
 from draftsmith.draft.vocab import draft_vocabulary
 from draftsmith.pipeline.artifacts import BaseArtifact, ConvertArtifact, DatasetArtifact
@@ -28,9 +28,8 @@ VOCAB_FILE = "draft_vocab.json"
 
 def draft_meta(recipe: Recipe, base_dir: Path, base_hash: str) -> dict[str, Any]:
     draft = recipe.draft
-    return {"algorithm": draft.algorithm, "base_model_dir": str(base_dir), "base_model_hash": base_hash,
-            "draft_vocab_size": None, **get_algorithm(draft.algorithm).meta(draft),
-            "quantization": None, "step": 0, "trained_steps": 0}
+    return DraftMeta(algorithm=draft.algorithm, base_model_dir=str(base_dir), base_model_hash=base_hash,
+                     **get_algorithm(draft.algorithm).meta(draft))
 
 
 class ConvertStage(Stage):

@@ -157,8 +157,8 @@ def _report_checkpoint(engine, loaded: LoadedDraft, progress: dict, metrics: dic
         engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=f"step-{step}", exclude_frozen_parameters=True)
         tensors = _draft_state(engine.module, loaded.base_keys)
         if ray.train.get_context().get_world_rank() == 0:
-            meta = {**loaded.meta, "step": step, "trained_steps": loaded.meta.get("trained_steps", 0) + step,
-                    "training_run_id": config.run_id}
+            meta = loaded.meta.model_copy(update={"step": step, "trained_steps": loaded.meta.trained_steps + step,
+                                                  "training_run_id": config.run_id})
             write_checkpoint(tmp / DRAFT_DIR, modelopt_state=mto.modelopt_state(engine.module), tensors=tensors,
                              meta=meta)
             (tmp / PROGRESS_FILE).write_text(json.dumps({**progress, "metrics": metrics}))
@@ -183,7 +183,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     prepare_worker(ctx.get_local_world_size())
     torch.manual_seed(config.seed + rank)
     loaded = load_draft(config.init_checkpoint, config.base_dir)
-    model, algorithm = loaded.model, loaded.meta["algorithm"]
+    model, algorithm = loaded.model, loaded.meta.algorithm
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)

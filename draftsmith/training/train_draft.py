@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from draftsmith import tracking
 from draftsmith.draft.algorithms import get_algorithm
-from draftsmith.draft.checkpoint import check_compatible
+from draftsmith.draft.checkpoint import DraftMeta, check_compatible
 from draftsmith.plots import line_plot
 from draftsmith.recipe.schema import TrainingSettings
 from draftsmith.training.base_features import read_manifest
@@ -55,8 +55,8 @@ def latest_committed_checkpoint(out_dir: Path) -> Path | None:
     return folder if folder is not None and (folder / PROGRESS_FILE).is_file() else None
 
 
-def num_accuracies(meta: dict[str, Any]) -> int:
-    return get_algorithm(meta["algorithm"]).num_accuracies(meta)
+def num_accuracies(meta: DraftMeta) -> int:
+    return get_algorithm(meta.algorithm).num_accuracies(meta)
 
 
 def _plan(data_dir: Path, split: str, settings: TrainingSettings, *, shuffle: bool) -> list[list[list[str]]]:
@@ -134,7 +134,7 @@ def train_draft(*, init_checkpoint: Path, base_dir: Path, data_dir: Path, settin
     )
     batches_per_epoch = len(plan[0]) // settings.grad_accumulation
     log.info("training a %s draft: %d steps on %d workers (%d steps per epoch; the base's features %s)",
-             meta["algorithm"], steps, settings.num_workers, batches_per_epoch,
+             meta.algorithm, steps, settings.num_workers, batches_per_epoch,
              "online" if features_dir is None else f"from {features_dir}")
     result = run_torch_trainer(
         train_worker, loop.model_dump(), name=RUN_NAME, storage_path=out_dir / RAY_TRAIN_DIR,
@@ -148,7 +148,7 @@ def train_draft(*, init_checkpoint: Path, base_dir: Path, data_dir: Path, settin
     summary = {"steps": final["step"], "resumed_from": final["resumed_from"], "metrics": final["metrics"],
                "initial_metrics": final.get("initial_metrics", {}),
                "base_unchanged": final.get("base_unchanged", False),
-               "epochs": steps / max(1, batches_per_epoch), "algorithm": meta["algorithm"],
+               "epochs": steps / max(1, batches_per_epoch), "algorithm": meta.algorithm,
                "base_features": "online" if features_dir is None else "offline",
                "draft": str(out_dir / DRAFT_DIR), "checkpoint": result.checkpoint.path}
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

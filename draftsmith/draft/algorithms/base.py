@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from draftsmith.draft.checkpoint import LoadedDraft
+    from draftsmith.draft.checkpoint import DraftMeta, LoadedDraft
     from draftsmith.recipe.schema import DraftSettings, ExportSettings
 
 # The runtimes an export can carry a config for (the recipe's export.targets).
@@ -104,7 +104,7 @@ class DraftAlgorithm(ABC):
 
     # ---------------------------------------------------------------------------------------------- training
     @abstractmethod
-    def num_accuracies(self, meta: dict[str, Any]) -> int:
+    def num_accuracies(self, meta: DraftMeta) -> int:
         """How many per-step (or per-head) accuracies `forward` reports for a checkpoint with this meta."""
 
     @abstractmethod
@@ -117,7 +117,7 @@ class DraftAlgorithm(ABC):
         """Write the runtimes' draft folders under `out_dir`."""
 
     @abstractmethod
-    def check_export(self, out_dir: Path, exported: ExportedDraft, meta: dict[str, Any], base_config: Any
+    def check_export(self, out_dir: Path, exported: ExportedDraft, meta: DraftMeta, base_config: Any
                      ) -> dict[str, dict[str, Any]]:
         """Check every variant's tensors against what its runtime reads; per variant, a description."""
 

@@ -30,7 +30,7 @@ from draftsmith.draft.algorithms.base import (Capabilities, DraftAlgorithm, Draf
 from draftsmith.draft.algorithms.eagle_family import head_dim
 
 if TYPE_CHECKING:
-    from draftsmith.draft.checkpoint import LoadedDraft
+    from draftsmith.draft.checkpoint import DraftMeta, LoadedDraft
     from draftsmith.recipe.schema import DraftSettings, ExportSettings
 
 VLLM_ARCHITECTURE = "DFlashDraftModel"
@@ -151,7 +151,7 @@ class DFlash(DraftAlgorithm):
     def model_feature_layers(self, model: torch.nn.Module) -> tuple[int, ...]:
         return tuple(model.target_layer_ids)
 
-    def num_accuracies(self, meta: dict[str, Any]) -> int:
+    def num_accuracies(self, meta: DraftMeta) -> int:
         return 1  # ModelOpt's top-1 accuracy over the block's positions
 
     def forward(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
@@ -179,15 +179,15 @@ class DFlash(DraftAlgorithm):
         except AssertionError as exc:
             raise ExportError(f"ModelOpt cannot export this DFlash draft: {exc}") from exc
         cast_tensors(out_dir / VLLM_DRAFT, dtype)
-        return ExportedDraft({"vllm": VLLM_DRAFT, "vllm_cpu": VLLM_DRAFT}, loaded.meta.get("quantization"))
+        return ExportedDraft({"vllm": VLLM_DRAFT, "vllm_cpu": VLLM_DRAFT}, loaded.meta.quantization)
 
-    def check_export(self, out_dir: Path, exported: ExportedDraft, meta: dict[str, Any], base_config: Any
+    def check_export(self, out_dir: Path, exported: ExportedDraft, meta: DraftMeta, base_config: Any
                      ) -> dict[str, dict[str, Any]]:
         from draftsmith.export.check_export import check_dflash_draft
 
         base = text_config(base_config)
         return {variant: check_dflash_draft(out_dir / folder, hidden_size=base.hidden_size,
-                                            num_base_layers=base.num_hidden_layers, block_size=meta["block_size"],
+                                            num_base_layers=base.num_hidden_layers, block_size=meta.block_size,
                                             quantized=exported.quantization is not None and variant != "vllm_cpu")
                 for variant, folder in exported.variants.items()}
 

@@ -27,7 +27,7 @@ from draftsmith.draft.algorithms.base import Capabilities, DraftConfigError, Exp
 from draftsmith.draft.algorithms.eagle_family import EagleFamily
 
 if TYPE_CHECKING:
-    from draftsmith.draft.checkpoint import LoadedDraft
+    from draftsmith.draft.checkpoint import DraftMeta, LoadedDraft
     from draftsmith.recipe.schema import DraftSettings
 
 VLLM_ARCHITECTURE = "EagleLlamaForCausalLM"
@@ -95,24 +95,18 @@ class Eagle1(EagleFamily):
         return {"ttt_steps": settings.eagle.ttt_steps, "draft_vocab_size": None}
 
     def export(self, loaded: LoadedDraft, out_dir: Path, *, dtype: torch.dtype) -> ExportedDraft:
-        from draftsmith.export.draft_export import VLLM_CPU_DRAFT, VLLM_DRAFT, dequantize_folder
+        from draftsmith.export.draft_export import VLLM_DRAFT, vllm_cpu_variant
 
         config = text_config(loaded.model.config)
         modelopt_dir = out_dir / ".modelopt-eagle1"
         _modelopt_exporter(loaded.model).export(modelopt_dir, dtype)
         vllm_eagle1_folder(modelopt_dir, out_dir / VLLM_DRAFT, hidden_size=config.hidden_size,
                            vocab_size=config.vocab_size, dtype=dtype)
-        variants = {"vllm": VLLM_DRAFT}
-        quantization = loaded.meta.get("quantization")
-        if quantization is None:
-            variants["vllm_cpu"] = VLLM_DRAFT
-        elif quantization["format"] in ("fp8", "int8"):
-            dequantize_folder(out_dir / VLLM_DRAFT, out_dir / VLLM_CPU_DRAFT, dtype)
-            variants["vllm_cpu"] = VLLM_CPU_DRAFT
         shutil.rmtree(modelopt_dir)
-        return ExportedDraft(variants, quantization)
+        quantization = loaded.meta.quantization
+        return ExportedDraft({"vllm": VLLM_DRAFT, **vllm_cpu_variant(out_dir, quantization, dtype)}, quantization)
 
-    def check_export(self, out_dir: Path, exported: ExportedDraft, meta: dict[str, Any], base_config: Any
+    def check_export(self, out_dir: Path, exported: ExportedDraft, meta: DraftMeta, base_config: Any
                      ) -> dict[str, dict[str, Any]]:
         from draftsmith.export.check_export import check_eagle1_draft
 

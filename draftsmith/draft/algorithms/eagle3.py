@@ -79,8 +79,8 @@ class Eagle3(EagleFamily):
     def export(self, loaded: LoadedDraft, out_dir: Path, *, dtype: torch.dtype) -> ExportedDraft:
         from modelopt.torch.export.unified_export_hf import export_speculative_decoding
 
-        from draftsmith.export.draft_export import (TRTLLM_DRAFT, VLLM_CPU_DRAFT, VLLM_DRAFT, ExportError,
-                                                    cast_tensors, dequantize_folder)
+        from draftsmith.export.draft_export import (TRTLLM_DRAFT, VLLM_DRAFT, ExportError, cast_tensors,
+                                                    vllm_cpu_variant)
 
         try:
             export_speculative_decoding(loaded.model, dtype=dtype, export_dir=out_dir / TRTLLM_DRAFT)  # mutates it
@@ -88,14 +88,9 @@ class Eagle3(EagleFamily):
             raise ExportError(f"ModelOpt cannot export this EAGLE-3 draft to the runtimes' format: {exc}") from exc
         cast_tensors(out_dir / TRTLLM_DRAFT, dtype)
         _vllm_variant(out_dir / TRTLLM_DRAFT, out_dir / VLLM_DRAFT)
-        variants = {"trtllm": TRTLLM_DRAFT, "vllm": VLLM_DRAFT}
-        quantization = loaded.meta.get("quantization")
-        if quantization is None:
-            variants["vllm_cpu"] = VLLM_DRAFT
-        elif quantization["format"] in ("fp8", "int8"):
-            dequantize_folder(out_dir / VLLM_DRAFT, out_dir / VLLM_CPU_DRAFT, dtype)
-            variants["vllm_cpu"] = VLLM_CPU_DRAFT
-        return ExportedDraft(variants, quantization)
+        quantization = loaded.meta.quantization
+        return ExportedDraft({"trtllm": TRTLLM_DRAFT, "vllm": VLLM_DRAFT,
+                              **vllm_cpu_variant(out_dir, quantization, dtype)}, quantization)
 
     def trtllm_speculative(self, draft_dir: Path, settings: ExportSettings, draft: dict[str, Any]
                            ) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from draftsmith.draft.algorithms.base import (Capabilities, DraftAlgorithm, Draf
                                               check_decoder, text_config)
 
 if TYPE_CHECKING:
+    from draftsmith.draft.checkpoint import DraftMeta
     from draftsmith.recipe.schema import DraftSettings, ExportSettings
 
 _MASK_CACHE_SHAPES = 8
@@ -157,8 +158,8 @@ class EagleFamily(DraftAlgorithm):
         config = model.eagle_config
         return tuple(config.eagle_aux_hidden_state_layer_ids) if config.use_aux_hidden_state else ()
 
-    def num_accuracies(self, meta: dict[str, Any]) -> int:
-        return meta["ttt_steps"]
+    def num_accuracies(self, meta: DraftMeta) -> int:
+        return meta.ttt_steps
 
     def forward(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
         _use_ttt_mask_cache(model, tuple(batch["input_ids"].shape))
@@ -172,7 +173,7 @@ class EagleFamily(DraftAlgorithm):
                 out = model(**inputs, base_model_outputs=offline_inputs(model, features))
         return out["loss"], [float(a) for a in out["train_acc"][0]]
 
-    def check_export(self, out_dir: Path, exported: ExportedDraft, meta: dict[str, Any], base_config: Any
+    def check_export(self, out_dir: Path, exported: ExportedDraft, meta: DraftMeta, base_config: Any
                      ) -> dict[str, dict[str, Any]]:
         from draftsmith.export.check_export import check_eagle_draft, read_config
 
@@ -181,7 +182,7 @@ class EagleFamily(DraftAlgorithm):
         num_aux = len(eagle.get("eagle_aux_hidden_state_layer_ids") or []) if eagle.get("use_aux_hidden_state") else 0
         return {variant: check_eagle_draft(
                     out_dir / folder, hidden_size=base.hidden_size, vocab_size=base.vocab_size, num_aux=num_aux,
-                    draft_vocab_size=meta.get("draft_vocab_size"),
+                    draft_vocab_size=meta.draft_vocab_size,
                     quantized=exported.quantization is not None and variant != "vllm_cpu")
                 for variant, folder in exported.variants.items()}
 

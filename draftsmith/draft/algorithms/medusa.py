@@ -19,7 +19,7 @@ from draftsmith.draft.algorithms.base import (Capabilities, DraftAlgorithm, Expo
                                               text_config)
 
 if TYPE_CHECKING:
-    from draftsmith.draft.checkpoint import LoadedDraft
+    from draftsmith.draft.checkpoint import DraftMeta, LoadedDraft
     from draftsmith.recipe.schema import DraftSettings, ExportSettings
 
 IGNORE_INDEX = -100
@@ -65,8 +65,8 @@ class Medusa(DraftAlgorithm):
     def meta(self, settings: DraftSettings) -> dict[str, Any]:
         return {"medusa_heads": settings.medusa.num_heads}
 
-    def num_accuracies(self, meta: dict[str, Any]) -> int:
-        return meta["medusa_heads"]
+    def num_accuracies(self, meta: DraftMeta) -> int:
+        return meta.medusa_heads
 
     def forward(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
         # ModelOpt's Medusa loss takes labels already shifted (labels[t] = the token after t) and shifts them by
@@ -94,13 +94,13 @@ class Medusa(DraftAlgorithm):
         vllm_medusa_folder(out_dir / TRTLLM_DRAFT, out_dir / VLLM_DRAFT, hidden_size=config.hidden_size,
                            vocab_size=config.vocab_size, dtype=dtype)
         return ExportedDraft({"trtllm": TRTLLM_DRAFT, "vllm": VLLM_DRAFT, "vllm_cpu": VLLM_DRAFT},
-                             loaded.meta.get("quantization"))
+                             loaded.meta.quantization)
 
-    def check_export(self, out_dir: Path, exported: ExportedDraft, meta: dict[str, Any], base_config: Any
+    def check_export(self, out_dir: Path, exported: ExportedDraft, meta: DraftMeta, base_config: Any
                      ) -> dict[str, dict[str, Any]]:
         from draftsmith.export.check_export import check_medusa_export
 
-        heads = meta["medusa_heads"]
+        heads = meta.medusa_heads
         return {"trtllm": check_medusa_export(out_dir / exported.variants["trtllm"], num_heads=heads),
                 "vllm": check_medusa_export(out_dir / exported.variants["vllm"], num_heads=heads, prefix="")}
 
