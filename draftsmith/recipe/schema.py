@@ -507,7 +507,7 @@ class Recipe(Strict):
                 f"draft.algorithm={self.draft.algorithm} does not train from them; use training.base_features=online"
             )
         draft = algorithm(self.draft.algorithm)
-        if self.serving.engine in RUNTIMES and (reason := draft.unsupported_reason(self.serving.engine)):
+        if reason := draft.unsupported_reason(self.serving.engine):
             raise ValueError(f"serving.engine={self.serving.engine} cannot serve draft.algorithm="
                              f"{self.draft.algorithm}: {reason}; use serving.engine=vllm")
         if all(draft.unsupported_reason(target) for target in self.export.targets):
@@ -534,5 +534,3 @@ def algorithm(name: str):
 
     return get_algorithm(name)
 
-
-RUNTIMES = ("vllm", "trtllm")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from draftsmith.draft.algorithms.base import (RUNTIMES, Capabilities, DraftAlgorithm, DraftConfigError,
+from draftsmith.draft.algorithms.base import (Capabilities, DraftAlgorithm, DraftConfigError,
                                               ExportedDraft, text_config)
 from draftsmith.draft.algorithms.dflash import DFlash
 from draftsmith.draft.algorithms.eagle1 import Eagle1
@@ -19,7 +19,7 @@ from draftsmith.draft.algorithms.medusa import Medusa
 
 ALGORITHMS: dict[str, DraftAlgorithm] = {a.name: a for a in (Eagle3(), Eagle1(), Medusa(), DFlash())}
 
-__all__ = ["ALGORITHMS", "RUNTIMES", "Capabilities", "DraftAlgorithm", "DraftConfigError", "ExportedDraft",
+__all__ = ["ALGORITHMS", "Capabilities", "DraftAlgorithm", "DraftConfigError", "ExportedDraft",
            "UnknownAlgorithm", "draft_forward", "get_algorithm", "text_config"]
 
 

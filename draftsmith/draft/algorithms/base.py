@@ -19,9 +19,6 @@ if TYPE_CHECKING:
     from draftsmith.draft.checkpoint import DraftMeta, LoadedDraft
     from draftsmith.recipe.schema import DraftSettings, ExportSettings
 
-# The runtimes an export can carry a config for (the recipe's export.targets).
-RUNTIMES = ("trtllm", "vllm")
-
 
 class DraftConfigError(ValueError):
     """The recipe's draft does not fit the base model; the message names the key and how to fix it."""
