@@ -14,8 +14,8 @@ from draftsmith.draft.convert import convert_base
 from draftsmith.draft.algorithms import draft_forward
 from draftsmith.recipe.loader import load_recipe
 from draftsmith.recipe.schema import DraftSettings
-from draftsmith.training.base_features import (FeatureLayout, FeatureReader, FeatureStoreError, base_states,
-                                               check_store_fits, compute_part, compute_parts,
+from draftsmith.training.base_features import (FeatureLayout, FeatureReader, FeatureStoreError, FeatureStoreManifest,
+                                               base_states, check_store_fits, compute_part, compute_parts,
                                                decode, encode, model_layout)
 from draftsmith.training.batching import collate
 
@@ -118,9 +118,7 @@ def test_store_round_trip_by_source(base_dir, tmp_path, dtype):
     (tmp_path / "store" / "train").mkdir(parents=True)
     out = tmp_path / "store" / "train" / "part-0.safetensors"
     assert compute_part(model, part, out, layout, pad_id=0) == sum(LENGTHS)
-    (tmp_path / "store" / "features.json").write_text(
-        f'{{"format": "draftsmith-base-features/1", "aux_layer_ids": {list(aux)}, "hidden_size": {hidden}, '
-        f'"dtype": "{dtype}"}}')
+    _write_manifest(tmp_path / "store", list(aux), hidden, dtype)
     stored_bytes = out.stat().st_size
     # A re-run (a killed job's) keeps the parts already written: no model is even loaded for them.
     again = compute_parts({"part": [str(part)], "out": [str(out)]}, base_dir="/nonexistent", layout={
@@ -161,9 +159,15 @@ def test_float8_keeps_outlier_channels_apart():
     assert layout.bytes_per_token == 3 * 8 + 4 * 3 and FeatureLayout((1, 2), 8, "bfloat16").bytes_per_token == 48
 
 
+def _write_manifest(store, aux: list[int], hidden: int, dtype: str) -> None:
+    (store / "features.json").write_text(FeatureStoreManifest(
+        aux_layer_ids=aux, hidden_size=hidden, dtype=dtype, compute_dtype="float32", parts=1, tokens=0, bytes=0,
+        bytes_per_token=0.0, bytes_per_token_bfloat16=0, bytes_per_token_float32=0, compute_seconds=0.0,
+        wall_seconds=0.0).model_dump_json())
+
+
 def test_a_store_for_another_draft_or_other_data_is_refused(tmp_path):
-    (tmp_path / "features.json").write_text(
-        '{"format": "draftsmith-base-features/1", "aux_layer_ids": [1, 2], "hidden_size": 64, "dtype": "bfloat16"}')
+    _write_manifest(tmp_path, [1, 2], 64, "bfloat16")
     check_store_fits(tmp_path, ((1, 2), 64))
     with pytest.raises(FeatureStoreError, match=r"aux layers \[1, 2\].*reads aux layers \[0, 1, 2\]"):
         check_store_fits(tmp_path, ((0, 1, 2), 64))
@@ -171,6 +175,10 @@ def test_a_store_for_another_draft_or_other_data_is_refused(tmp_path):
         check_store_fits(tmp_path / "nowhere", ((1, 2), 64))
     (tmp_path / "features.json").write_text('{"format": "something/0"}')
     with pytest.raises(FeatureStoreError, match="expected 'draftsmith-base-features/1'"):
+        check_store_fits(tmp_path, ((1, 2), 64))
+    (tmp_path / "features.json").write_text(
+        '{"format": "draftsmith-base-features/1", "aux_layer_ids": [1, 2], "hidden_size": 64, "dtype": "bfloat16"}')
+    with pytest.raises(FeatureStoreError, match="key 'compute_dtype'"):  # an older layout: the key is named
         check_store_fits(tmp_path, ((1, 2), 64))
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import DATA_OVERRIDES, ROOT, SHORT_TRAINING, clean_env, run_job_here
 from draftsmith import tracking
+from draftsmith.export.manifest import read_manifest
 from draftsmith.pipeline.runner import run_pipeline
 from draftsmith.recipe.loader import load_recipe
 from draftsmith.stages import pipeline_stages
@@ -81,7 +82,7 @@ def test_medusa_trains_under_zero3_and_its_export_is_accepted(training_root):
     # Its heads, exported in vLLM's Medusa layout, run in vLLM (CPU) and get accepted.
     exported = _train(training_root, *medusa, "quantization.format=none", "export.verify_prompts=4", until="export")
     verification = exported["export"].outputs.verification
-    assert verification["identical"] and verification["num_accepted_tokens"] > 0, verification
+    assert verification.identical and verification.num_accepted_tokens > 0, verification
 
 
 def test_dflash_trains_and_its_export_round_trips_in_vllm(training_root):
@@ -94,15 +95,15 @@ def test_dflash_trains_and_its_export_round_trips_in_vllm(training_root):
     val_acc, val_loss = _history(run_id, "val/acc_step1"), _history(run_id, "val/loss")
     assert val_loss[-1] < val_loss[0] and val_acc[-1] > val_acc[0], (val_loss, val_acc)
     export = results["export"].outputs
-    manifest = json.loads((export.export_dir / "manifest.json").read_text())
-    assert manifest["algorithm"] == "dflash" and "DFlash" in manifest["engines_without_config"]["trtllm"]
-    speculative = json.loads((export.export_dir / manifest["engine_configs"]["vllm"]).read_text())
+    manifest = read_manifest(export.export_dir)
+    assert manifest.algorithm == "dflash" and "DFlash" in manifest.engines_without_config["trtllm"]
+    speculative = json.loads((export.export_dir / manifest.engine_configs["vllm"]).read_text())
     assert speculative["method"] == "dflash" and speculative["num_speculative_tokens"] == 3  # block of 4
     base_layers = json.loads((results["base"].outputs.model_dir / "config.json").read_text())["num_hidden_layers"]
-    target_layers = manifest["draft"]["checks"]["vllm"]["aux_layer_ids"]
+    target_layers = manifest.draft.checks["vllm"]["aux_layer_ids"]
     assert len(target_layers) == 1 and target_layers[0] < base_layers - 1  # one per draft layer, never the last
     verification = export.verification
-    assert verification["identical"] and verification["num_accepted_tokens"] > 0, verification
+    assert verification.identical and verification.num_accepted_tokens > 0, verification
 
 
 def _latest(stage_dirs) -> dict | None:

@@ -53,14 +53,14 @@ def exported(tmp_path_factory):
 
 def test_eagle1_export_is_vllms_layout_and_says_why_tensorrt_llm_gets_none(exported):
     root, manifest = exported
-    assert manifest["algorithm"] == "eagle1" and set(manifest["draft"]["variants"]) == {"vllm", "vllm_cpu"}
-    assert list(manifest["engine_configs"]) == ["vllm"]
-    assert "EAGLE-3 drafts only" in manifest["engines_without_config"]["trtllm"]
-    config = json.loads((root / "export" / manifest["engine_configs"]["vllm"]).read_text())
+    assert manifest.algorithm == "eagle1" and set(manifest.draft.variants) == {"vllm", "vllm_cpu"}
+    assert list(manifest.engine_configs) == ["vllm"]
+    assert "EAGLE-3 drafts only" in manifest.engines_without_config["trtllm"]
+    config = json.loads((root / "export" / manifest.engine_configs["vllm"]).read_text())
     assert config["method"] == "eagle" and config["num_speculative_tokens"] == 3
-    draft = root / "export" / manifest["draft"]["variants"]["vllm"]
+    draft = root / "export" / manifest.draft.variants["vllm"]
     assert json.loads((draft / "config.json").read_text())["architectures"] == ["EagleLlamaForCausalLM"]
-    check = manifest["draft"]["checks"]["vllm"]
+    check = manifest.draft.checks["vllm"]
     assert check["dtypes"] == ["bfloat16"] and check["aux_layer_ids"] is None
     # What vLLM's loader would refuse or silently leave uninitialised is refused here.
     from safetensors.torch import load_file, save_file
@@ -97,7 +97,7 @@ def test_vllm_proposes_what_modelopt_proposes_and_output_is_lossless(exported):
                                    pad_token_id=0)[0, len(prompt):]
             wanted.append({"base": picked[0].tolist(), "drafts": drafts[0].tolist(), "greedy": greedy.tolist()})
     (root / "prompts.json").write_text(json.dumps(prompts))
-    speculative = {"method": "eagle", "model": str(root / "export" / manifest["draft"]["variants"]["vllm"]),
+    speculative = {"method": "eagle", "model": str(root / "export" / manifest.draft.variants["vllm"]),
                    "num_speculative_tokens": STEPS}
     done = subprocess.run([sys.executable, str(PROPOSALS), str(root / "base"), json.dumps(speculative),
                            str(root / "prompts.json"), str(root / "vllm.json"), "8"],

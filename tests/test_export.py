@@ -18,7 +18,8 @@ from draftsmith.draft.checkpoint import DraftCheckpointError, DraftMeta, save_dr
 from draftsmith.draft.convert import convert_base, load_base
 from draftsmith.draft.algorithms import draft_forward, get_algorithm
 from draftsmith.draft.vocab import draft_vocabulary
-from draftsmith.export.bundle import copy_export, export_bundle, read_manifest
+from draftsmith.export.bundle import copy_export, export_bundle
+from draftsmith.export.manifest import ManifestError, read_manifest
 from draftsmith.export.check_export import check_eagle_draft
 from draftsmith.export.draft_export import ExportError
 from draftsmith.export.engine_configs import TRTLLM_FILE, VLLM_FILE
@@ -81,7 +82,7 @@ def _export(base_dir, checkpoint, out_dir, **settings):
 def test_eagle3_export_matches_what_each_runtime_reads(base_dir, tmp_path):
     manifest = _export(base_dir, _checkpoint(base_dir, tmp_path / "ckpt"), tmp_path / "export")
     out = tmp_path / "export"
-    assert manifest["draft"]["variants"] == {"trtllm": "draft", "vllm": "draft-vllm", "vllm_cpu": "draft-vllm"}
+    assert manifest.draft.variants == {"trtllm": "draft", "vllm": "draft-vllm", "vllm_cpu": "draft-vllm"}
     trt_config = json.loads((out / "draft" / "config.json").read_text())
     vllm_config = json.loads((out / "draft-vllm" / "config.json").read_text())
     assert trt_config["architectures"] == ["LlamaForCausalLMEagle3"] and trt_config["draft_vocab_size"] == DRAFT_VOCAB
@@ -126,7 +127,7 @@ def test_trtllm_field_check_names_the_wrong_key(base_dir, tmp_path):
 def test_fp8_export_and_its_dequantized_cpu_variant(base_dir, tmp_path):
     manifest = _export(base_dir, _checkpoint(base_dir, tmp_path / "ckpt", quantize=True), tmp_path / "export")
     out = tmp_path / "export"
-    assert manifest["draft"]["variants"]["vllm_cpu"] == "draft-vllm-dequantized"
+    assert manifest.draft.variants["vllm_cpu"] == "draft-vllm-dequantized"
     fp8 = load_file(str(out / "draft-vllm" / "model.safetensors"))
     deq = load_file(str(out / "draft-vllm-dequantized" / "model.safetensors"))
     assert fp8["fc.weight"].dtype == torch.float8_e4m3fn and "fc.weight_scale" in fp8 and "fc.input_scale" in fp8
@@ -140,15 +141,15 @@ def test_fp8_export_and_its_dequantized_cpu_variant(base_dir, tmp_path):
 
 def test_medusa_exports_heads_for_vllm_and_says_tensorrt_llm_cannot_load_them(base_dir, tmp_path):
     manifest = _export(base_dir, _checkpoint(base_dir, tmp_path / "ckpt", algorithm="medusa"), tmp_path / "export")
-    assert manifest["draft"]["variants"] == {"trtllm": "draft", "vllm": "draft-vllm", "vllm_cpu": "draft-vllm"}
-    assert manifest["draft"]["checks"]["trtllm"]["medusa_heads"] == 3
+    assert manifest.draft.variants == {"trtllm": "draft", "vllm": "draft-vllm", "vllm_cpu": "draft-vllm"}
+    assert manifest.draft.checks["trtllm"]["medusa_heads"] == 3
     heads = load_file(str(tmp_path / "export" / "draft-vllm" / "model.safetensors"))
     assert set(heads) == {f"{h}.0.linear.{p}" for h in range(3) for p in ("weight", "bias")} | \
         {f"{h}.1.weight" for h in range(3)}  # FasterDecoding's layout, which vLLM's Medusa loader remaps
     config = json.loads((tmp_path / "export" / "draft-vllm" / "config.json").read_text())
     assert config["architectures"] == ["MedusaModel"] and config["num_heads"] == 3 and config["medusa_fc_bias"]
     # Current TensorRT-LLM has no Medusa (it ran only on the engine backend it dropped): no config, and why.
-    assert set(manifest["engine_configs"]) == {"vllm"} and set(manifest["engines_without_config"]) == {"trtllm"}
+    assert set(manifest.engine_configs) == {"vllm"} and set(manifest.engines_without_config) == {"trtllm"}
     assert not (tmp_path / "export" / TRTLLM_FILE).exists()
     assert json.loads((tmp_path / "export" / VLLM_FILE).read_text())["method"] == "medusa"
 
@@ -157,7 +158,7 @@ def test_a_folder_holding_another_export_is_refused(base_dir, tmp_path):
     first = _export(base_dir, _checkpoint(base_dir, tmp_path / "a"), tmp_path / "export")
     with pytest.raises(ExportError, match="already holds the export of another draft"):
         _export(base_dir, _checkpoint(base_dir, tmp_path / "b", seed=1), tmp_path / "export")
-    assert read_manifest(tmp_path / "export")["draft"]["checkpoint_digest"] == first["draft"]["checkpoint_digest"]
+    assert read_manifest(tmp_path / "export").draft.checkpoint_digest == first.draft.checkpoint_digest
     assert _export(base_dir, tmp_path / "a", tmp_path / "export") == first  # the same draft again: a no-op
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
@@ -200,3 +201,21 @@ def test_formats_that_need_cuda_are_refused_on_cpu(tmp_path):
                    "--set", f"output_dir={tmp_path}")
     assert proc.returncode == 2 and "quantization.format=nvfp4 needs a CUDA device" in proc.stderr, proc.stderr
     assert not any(tmp_path.iterdir())  # refused before any stage ran
+
+
+def test_a_manifest_from_another_layout_is_refused_naming_the_key(base_dir, tmp_path):
+    """Everything that opens an export reads its manifest through one typed model: a renamed or missing key fails
+    at the door with the key named, and a round trip recorded before it was typed (`{"skipped": true}`) loads."""
+    manifest = _export(base_dir, _checkpoint(base_dir, tmp_path / "ckpt"), tmp_path / "export")
+    assert manifest == read_manifest(tmp_path / "export") and manifest.verification is None
+    record = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    record["verification"] = {"skipped": True}
+    (tmp_path / "export" / "manifest.json").write_text(json.dumps(record))
+    assert read_manifest(tmp_path / "export").verification is None
+    renamed = {("variant" if k == "variants" else k): v for k, v in record["draft"].items()}
+    for broken, key in [({**record, "draft": renamed}, "draft.variant"),
+                        ({**record, "algorithm": "eagle9"}, "algorithm"),
+                        ({**record, "format": "draftsmith-export/0"}, "format")]:
+        (tmp_path / "export" / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(ManifestError, match=key):
+            read_manifest(tmp_path / "export")

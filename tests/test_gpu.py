@@ -147,11 +147,11 @@ def test_quantize_and_export_on_cuda(fmt, base_dir, data_dir, tmp_path, figures)
     if fmt == "fp8":
         assert fc.dtype == torch.float8_e4m3fn and "fc.weight_scale" in tensors
     else:  # NVFP4: two 4-bit values a byte, a per-block FP8 scale and a per-tensor scale
-        fused = len(manifest["draft"]["aux_layer_ids"]) * tensors["norm.weight"].shape[0]  # aux layers x hidden
+        fused = len(manifest.draft.aux_layer_ids) * tensors["norm.weight"].shape[0]  # aux layers x hidden
         assert fc.dtype == torch.uint8 and fc.shape[-1] * 2 == fused, fc.shape
         assert tensors["fc.weight_scale"].dtype == torch.float8_e4m3fn and "fc.weight_scale_2" in tensors
     figures[f"{fmt}_quantize_export"] = {
         "quantize_s": quantize_s, "quantizers": quantized["quantizers"],
         "validation_loss": {k: v["loss"] for k, v in quantized["validation"].items()},
-        "variants": manifest["draft"]["variants"], "fc_weight": [str(fc.dtype), list(fc.shape)]}
+        "variants": manifest.draft.variants, "fc_weight": [str(fc.dtype), list(fc.shape)]}
 

@@ -11,11 +11,11 @@ import pytest
 
 from conftest import TINY_BASE_OVERRIDES, free_port, run_job, run_job_here
 from draftsmith import tracking
-from draftsmith.pipeline.artifacts import Artifact, TrainArtifact
+from draftsmith.pipeline.artifacts import Artifact, ExportArtifact, RoundTrip, RoundTripSample, TrainArtifact
 from draftsmith.pipeline.runner import run_pipeline
 from draftsmith.pipeline.stage import DONE_MARKER, Stage
 from draftsmith.recipe.loader import load_recipe
-from draftsmith.stages import TrainStage
+from draftsmith.stages import ExportStage, TrainStage
 
 
 class FileArtifact(Artifact):
@@ -103,6 +103,21 @@ def test_artifact_round_trips_through_the_done_marker(tmp_path):
     assert record["artifact"] == "TrainArtifact" and record["outputs"]["draft_dir"] == str(tmp_path / "draft")
     done = stage.read_done(tmp_path)
     assert type(done.artifact) is TrainArtifact and done.artifact == trained and done.mlflow_run_id == "run-1"
+    # Nested records too: the export's round trip reads back typed, and one written before it was typed
+    # ({"skipped": true} for "not run") reads as None rather than failing the marker.
+    trip = RoundTrip(prompts=1, identical=True, mismatched_prompts=[], output_tokens=8, acceptance_length=2.5,
+                     num_drafts=3, num_accepted_tokens=5, accepted_per_position=[3, 2, 0],
+                     tokens_per_s={"base": 10.0, "with_draft": 12.0},
+                     samples=[RoundTripSample(messages=[{"role": "user", "content": "hi"}], text="hello")])
+    export = ExportArtifact(export_dir=tmp_path / "export", algorithm="eagle3", variants={"vllm": "draft-vllm"},
+                            engine_configs={"vllm": "vllm/speculative_config.json"}, verification=trip)
+    stage = ExportStage()
+    stage.write_done(tmp_path, "f00d", export, None)
+    assert stage.read_done(tmp_path).artifact.verification.samples[0].text == "hello"
+    record = json.loads((tmp_path / DONE_MARKER).read_text())
+    record["outputs"]["verification"] = {"skipped": True}
+    (tmp_path / DONE_MARKER).write_text(json.dumps(record))
+    assert stage.read_done(tmp_path).artifact.verification is None
 
 
 def test_done_marker_of_an_older_layout_is_run_again(recipe_in, caplog):

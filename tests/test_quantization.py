@@ -85,8 +85,8 @@ def test_quantized_checkpoint_restores_and_exports(base_dir, tmp_path, fmt, cpu_
 
     manifest = export_bundle(checkpoint=tmp_path / "ckpt", base_dir=base_dir, base_hash=meta.base_model_hash,
                              quantized_base_dir=None, settings=ExportSettings(), out_dir=tmp_path / "export")
-    assert manifest["draft"]["variants"].get("vllm_cpu") == cpu_variant
-    assert manifest["draft"]["checks"]["trtllm"]["quantized_weights"] > 0
+    assert manifest.draft.variants.get("vllm_cpu") == cpu_variant
+    assert manifest.draft.checks["trtllm"]["quantized_weights"] > 0
     config = json.loads((tmp_path / "export" / "draft" / "config.json").read_text())
     assert {"int8": "W8A8", "int4_awq": "AWQ"}[fmt] in config["quantization_config"]["quantization"]["quant_algo"]
     if cpu_variant:

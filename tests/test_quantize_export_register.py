@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from conftest import FLOW_REGISTRY as REGISTRY_NAME, clean_env, run_job_here
 from draftsmith import tracking
 from draftsmith.export.engine_configs import TRTLLM_FILE
+from draftsmith.export.manifest import read_manifest
 from draftsmith.export.trtllm_schema import EngineConfigError, check_trtllm_options
 from draftsmith.registry.register import RegistryError, register_export
 
@@ -42,13 +43,13 @@ def test_export_round_trips_through_vllm_losslessly(flow):
     _, results = flow
     export = results["export"].outputs
     verification = export.verification
-    assert verification["prompts"] == 4 and verification["identical"], verification
-    assert 1.0 <= verification["acceptance_length"] <= 4.0 and verification["num_drafts"] > 0
-    manifest = json.loads((results["export"].directory / "export" / "manifest.json").read_text())
-    assert manifest["draft"]["variants"] == {"trtllm": "draft", "vllm": "draft-vllm",
+    assert verification.prompts == 4 and verification.identical, verification
+    assert 1.0 <= verification.acceptance_length <= 4.0 and verification.num_drafts > 0
+    manifest = read_manifest(results["export"].directory / "export")
+    assert manifest.draft.variants == {"trtllm": "draft", "vllm": "draft-vllm",
                                              "vllm_cpu": "draft-vllm-dequantized"}
-    assert manifest["draft"]["checks"]["trtllm"]["quantized_weights"] > 0
-    assert manifest["quantized_base"] == "base"
+    assert manifest.draft.checks["trtllm"]["quantized_weights"] > 0
+    assert manifest.quantized_base == "base"
     options = yaml.safe_load((results["export"].directory / "export" / TRTLLM_FILE).read_text())
     check_trtllm_options(options)
     options["speculative_config"]["max_draft_length"] = 3

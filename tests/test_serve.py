@@ -93,17 +93,17 @@ def test_answers_equal_vllms_own_greedy_output(endpoint, flow):
 
     url = endpoint[0]
     recipe, results = flow
-    samples = results["export"].outputs.verification["samples"]
-    assert len(samples) == recipe.export.verify_prompts and all(s["text"] for s in samples)
+    samples = results["export"].outputs.verification.samples
+    assert len(samples) == recipe.export.verify_prompts and all(s.text for s in samples)
     max_tokens = recipe.export.verify_max_tokens
     c = client(url)
     for sample in samples:
-        body = {**chat_body(""), "messages": sample["messages"], "max_tokens": max_tokens}
+        body = {**chat_body(""), "messages": sample.messages, "max_tokens": max_tokens}
         answer = c.post("/v1/chat/completions", json=body)
         assert answer.status_code == 200, answer.text
-        assert answer.json()["choices"][0]["message"]["content"] == sample["text"]
+        assert answer.json()["choices"][0]["message"]["content"] == sample.text
         streamed, events = stream_text(c, "/v1/chat/completions", body)
-        assert streamed == sample["text"]
+        assert streamed == sample.text
         assert not any(e.get("usage") for e in events)  # usage only when the client asks for it
     _, events = stream_text(c, "/v1/chat/completions",
                             chat_body(QUESTIONS[0], stream_options={"include_usage": True}))
@@ -113,13 +113,13 @@ def test_answers_equal_vllms_own_greedy_output(endpoint, flow):
 
     draft = from_export(results["export"].outputs.export_dir)
     prompt = AutoTokenizer.from_pretrained(draft.base_dir).apply_chat_template(
-        samples[0]["messages"], add_generation_prompt=True, tokenize=False)
+        samples[0].messages, add_generation_prompt=True, tokenize=False)
     raw = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     done = c.post("/v1/completions", json=raw)
     assert done.status_code == 200, done.text
-    assert done.json()["choices"][0]["text"] == samples[0]["text"]
+    assert done.json()["choices"][0]["text"] == samples[0].text
     streamed, _ = stream_text(c, "/v1/completions", raw)
-    assert streamed == samples[0]["text"]
+    assert streamed == samples[0].text
 
 
 def test_openai_client_works_unchanged(endpoint):

@@ -13,7 +13,8 @@ import yaml
 from draftsmith.evaluation.measure import BASE, DRAFT, NGRAM, ngram_config, plan_runs, run_configurations, summarize
 from draftsmith.evaluation.prompt_sets import load_prompt_set
 from draftsmith.evaluation.report import write_report
-from draftsmith.export.bundle import export_engine_config, read_manifest
+from draftsmith.export.bundle import export_engine_config
+from draftsmith.export.manifest import ExportManifest, read_manifest
 from draftsmith.export.engine_configs import vllm_runtime_config
 from draftsmith.recipe.schema import EvaluationSettings, VllmSettings
 
@@ -47,31 +48,27 @@ class DraftUnderTest:
         return path if path.is_file() else None
 
     @property
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> ExportManifest:
         return read_manifest(self.export_dir)
 
     def speculative_config(self, num_speculative_tokens: int, device: str) -> dict[str, Any]:
         config = export_engine_config(self.export_dir, "vllm", device=device)
         if config is None:
             raise EvaluationError(
-                f"{self.label}: this {self.manifest['algorithm']} export has no draft vLLM can load "
-                f"({self.manifest.get('engines_without_config', {}).get('vllm', 'no vLLM config')})")
+                f"{self.label}: this {self.manifest.algorithm} export has no draft vLLM can load "
+                f"({self.manifest.engines_without_config.get('vllm', 'no vLLM config')})")
         return vllm_runtime_config({**config, "num_speculative_tokens": num_speculative_tokens})
-
-
-def quantization_format(manifest: dict[str, Any]) -> str:
-    return (manifest.get("quantization") or {}).get("format") or "bf16"
 
 
 def from_export(export_dir: str | Path, base_dir: str | Path | None = None) -> DraftUnderTest:
     export_dir = Path(export_dir).resolve()
     manifest = read_manifest(export_dir)
-    base = Path(base_dir or manifest["base_model"]["dir"])
+    base = Path(base_dir or manifest.base_model.dir)
     if not (base / "config.json").is_file():
         raise EvaluationError(f"the base model {base} of export {export_dir} is not there; pass its folder "
                               "(--base) where it lives now")
     folder = export_dir.parent.name if export_dir.name == "export" else export_dir.name
-    return DraftUnderTest(f"{folder} ({manifest['algorithm']}, {quantization_format(manifest)})", export_dir, base)
+    return DraftUnderTest(f"{folder} ({manifest.algorithm}, {manifest.quantization_format})", export_dir, base)
 
 
 def from_registry(model_uri: str, download_dir: str | Path | None = None) -> DraftUnderTest:
@@ -135,8 +132,8 @@ def evaluate_draft(draft: DraftUnderTest, settings: EvaluationSettings, out_dir:
     results = run_configurations(draft.base_dir, configs, runs, device, vllm)
     manifest = draft.manifest
     report = {"model": draft.label, "export_dir": str(draft.export_dir), "base_dir": str(draft.base_dir),
-              "registry_version": draft.registry_version, "algorithm": manifest["algorithm"],
-              "quantization": quantization_format(manifest), "device": device,
+              "registry_version": draft.registry_version, "algorithm": manifest.algorithm,
+              "quantization": manifest.quantization_format, "device": device,
               "num_speculative_tokens": k, "max_tokens": settings.max_tokens, "concurrency": settings.concurrency,
               "prompt_sets": {s.name: s.summary() for s in sets}, "rows": summarize(results, runs, k)}
     write_report(report, out_dir, log_to_mlflow)

@@ -25,10 +25,10 @@ from draftsmith.draft.algorithms import get_algorithm
 from draftsmith.draft.checkpoint import WEIGHTS_FILE, read_meta
 from draftsmith.export.draft_export import ExportError, export_draft
 from draftsmith.export.engine_configs import relocate_engine_configs, relocated_engine_config, write_engine_configs
+from draftsmith.export.manifest import MANIFEST, BaseModelRecord, DraftRecord, ExportManifest, read_manifest
+from draftsmith.pipeline.artifacts import QuantizationInfo, RoundTrip
 from draftsmith.recipe.schema import ExportSettings
 
-MANIFEST = "manifest.json"
-FORMAT = "draftsmith-export/1"
 QUANTIZED_BASE = "base"
 
 
@@ -41,16 +41,6 @@ def checkpoint_digest(checkpoint: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def read_manifest(export_dir: str | Path) -> dict[str, Any]:
-    path = Path(export_dir) / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"{export_dir} is not a draftsmith export ({MANIFEST} is missing)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ExportError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
-
-
 def check_destination(out_dir: Path, digest: str) -> bool:
     """True when `out_dir` already holds this very export; ExportError when it holds another one."""
     if not out_dir.exists():
@@ -60,16 +50,16 @@ def check_destination(out_dir: Path, digest: str) -> bool:
             raise ExportError(f"{out_dir} exists and is not an export; pick an empty or new folder")
         return False
     existing = read_manifest(out_dir)
-    if existing["draft"]["checkpoint_digest"] != digest:
+    if existing.draft.checkpoint_digest != digest:
         raise ExportError(f"{out_dir} already holds the export of another draft (checkpoint "
-                          f"{existing['draft']['checkpoint_digest']}, this one {digest}); pick another folder or "
+                          f"{existing.draft.checkpoint_digest}, this one {digest}); pick another folder or "
                           "delete it")
     return True
 
 
 def export_bundle(*, checkpoint: Path, base_dir: Path, base_hash: str, quantized_base_dir: Path | None,
                   settings: ExportSettings, out_dir: Path,
-                  verify: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
+                  verify: Callable[[Path, ExportManifest], RoundTrip | None] | None = None) -> ExportManifest:
     """Export into a temporary sibling of `out_dir` and move it into place once every check passed.
 
     `verify(folder, manifest)` (the engine round trip) runs on the finished temporary folder; what it returns is
@@ -89,25 +79,30 @@ def export_bundle(*, checkpoint: Path, base_dir: Path, base_hash: str, quantized
         if quantized_base_dir is not None:
             shutil.copytree(quantized_base_dir, tmp / QUANTIZED_BASE)
         first = next(iter(checks.values()))
-        manifest = {
-            "format": FORMAT, "algorithm": algorithm.name, "quantization": exported.quantization,
-            "base_model": {"dir": str(Path(base_dir).resolve()), "hash": base_hash},
-            "quantized_base": QUANTIZED_BASE if quantized_base_dir is not None else None,
-            "draft": {"variants": exported.variants, "checkpoint_digest": digest,
-                      "aux_layer_ids": first.get("aux_layer_ids"), "checks": checks,
-                      "draft_vocab_size": meta.draft_vocab_size, "medusa_heads": meta.medusa_heads,
-                      "block_size": meta.block_size, "trained_steps": meta.trained_steps,
-                      "training_run_id": meta.training_run_id},
-            "export_settings": settings.model_dump(mode="json"),
-        }
-        manifest["export_digest"] = hashlib.sha256(json.dumps(
-            [digest, manifest["export_settings"], manifest["quantized_base"]], sort_keys=True).encode()).hexdigest()[:16]
-        manifest["engine_configs"] = write_engine_configs(tmp, manifest, settings)
-        manifest["engines_without_config"] = {t: algorithm.unsupported_reason(t) or "no draft variant for it"
-                                              for t in settings.targets if t not in manifest["engine_configs"]}
+        export_settings = settings.model_dump(mode="json")
+        quantized_base = QUANTIZED_BASE if quantized_base_dir is not None else None
+        manifest = ExportManifest(
+            algorithm=algorithm.name,
+            quantization=QuantizationInfo.model_validate(exported.quantization) if exported.quantization else None,
+            base_model=BaseModelRecord(dir=Path(base_dir).resolve(), hash=base_hash),
+            quantized_base=quantized_base,
+            draft=DraftRecord(variants=exported.variants, checkpoint_digest=digest,
+                              aux_layer_ids=first.get("aux_layer_ids"), checks=checks,
+                              draft_vocab_size=meta.draft_vocab_size, medusa_heads=meta.medusa_heads,
+                              block_size=meta.block_size, trained_steps=meta.trained_steps,
+                              training_run_id=meta.training_run_id),
+            export_settings=export_settings,
+            export_digest=hashlib.sha256(json.dumps([digest, export_settings, quantized_base], sort_keys=True)
+                                         .encode()).hexdigest()[:16],
+        )
+        written = write_engine_configs(tmp, manifest, settings)
+        manifest = manifest.model_copy(update={
+            "engine_configs": written,
+            "engines_without_config": {t: algorithm.unsupported_reason(t) or "no draft variant for it"
+                                       for t in settings.targets if t not in written}})
         if verify is not None:
-            manifest["verification"] = verify(tmp, manifest)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            manifest = manifest.model_copy(update={"verification": verify(tmp, manifest)})
+        manifest.write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -128,7 +123,7 @@ def copy_export(export_dir: Path, destination: Path) -> Path:
     """Copy a finished export to `destination` (whole or not at all); refused when it holds another export."""
     manifest = read_manifest(export_dir)
     destination = Path(destination)
-    if check_destination(destination, manifest["draft"]["checkpoint_digest"]):
+    if check_destination(destination, manifest.draft.checkpoint_digest):
         return destination
     tmp = destination.with_name(f".{destination.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

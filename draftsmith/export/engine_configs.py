@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -17,11 +17,14 @@ from draftsmith.draft.algorithms import DraftAlgorithm, get_algorithm
 from draftsmith.export.trtllm_schema import check_trtllm_options
 from draftsmith.recipe.schema import ExportSettings
 
+if TYPE_CHECKING:
+    from draftsmith.export.manifest import DraftRecord, ExportManifest
+
 TRTLLM_FILE = "trtllm/extra_llm_api_options.yaml"
 VLLM_FILE = "vllm/speculative_config.json"
 
 
-def trtllm_options(*, algorithm: DraftAlgorithm, draft_dir: Path, settings: ExportSettings, draft: dict[str, Any],
+def trtllm_options(*, algorithm: DraftAlgorithm, draft_dir: Path, settings: ExportSettings, draft: DraftRecord,
                    kv_cache_fp8: bool) -> dict[str, Any]:
     """The YAML `trtllm-serve MODEL --extra_llm_api_options FILE` (newer releases also `--config`) reads.
 
@@ -62,7 +65,7 @@ def vllm_runtime_config(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "model": str(link)}
 
 
-def write_engine_configs(export_dir: Path, manifest: dict[str, Any], settings: ExportSettings) -> dict[str, str]:
+def write_engine_configs(export_dir: Path, manifest: ExportManifest, settings: ExportSettings) -> dict[str, str]:
     """Write the configs the manifest's targets call for, with paths under `export_dir`; returns their files."""
     files: dict[str, str] = {}
     for target in settings.targets:
@@ -79,35 +82,35 @@ def write_engine_configs(export_dir: Path, manifest: dict[str, Any], settings: E
     return files
 
 
-def engine_config(export_dir: Path, manifest: dict[str, Any], target: str, *, settings: ExportSettings,
+def engine_config(export_dir: Path, manifest: ExportManifest, target: str, *, settings: ExportSettings,
                   device: str = "gpu") -> dict[str, Any] | None:
     """The engine config of `target` for the export in `export_dir` (vLLM: the GPU or the CPU draft variant).
 
     None when the target cannot load this algorithm's export (`unsupported_reason`).
     """
     export_dir = Path(export_dir).resolve()
-    variants, algorithm = manifest["draft"]["variants"], get_algorithm(manifest["algorithm"])
+    variants, algorithm = manifest.draft.variants, get_algorithm(manifest.algorithm)
     if algorithm.unsupported_reason(target) is not None:
         return None
     if target == "trtllm":
         return trtllm_options(algorithm=algorithm, draft_dir=export_dir / variants["trtllm"], settings=settings,
-                              draft=manifest["draft"],
-                              kv_cache_fp8=bool((manifest.get("quantization") or {}).get("kv_cache")))
+                              draft=manifest.draft,
+                              kv_cache_fp8=manifest.quantization is not None and manifest.quantization.kv_cache)
     variant = variants.get("vllm_cpu" if device == "cpu" else "vllm")
     if variant is None:
         return None
     return algorithm.vllm_speculative(export_dir / variant, settings.max_draft_len)
 
 
-def relocated_engine_config(export_dir: Path, manifest: dict[str, Any], target: str, device: str = "gpu"
+def relocated_engine_config(export_dir: Path, manifest: ExportManifest, target: str, device: str = "gpu"
                             ) -> dict[str, Any] | None:
     """The config written at export time, its draft path pointed at where the export is now (a copy, a registry
     download). Reads the written file rather than re-deriving it, so an export outlives schema changes."""
     export_dir = Path(export_dir).resolve()
-    written = manifest.get("engine_configs", {}).get(target)
+    written = manifest.engine_configs.get(target)
     if written is None:
         return None
-    variants = manifest["draft"]["variants"]
+    variants = manifest.draft.variants
     if target == "trtllm":
         config = yaml.safe_load((export_dir / written).read_text())
         config["speculative_config"]["speculative_model_dir"] = str(export_dir / variants["trtllm"])
@@ -117,9 +120,9 @@ def relocated_engine_config(export_dir: Path, manifest: dict[str, Any], target: 
     return config
 
 
-def relocate_engine_configs(export_dir: Path, manifest: dict[str, Any]) -> None:
+def relocate_engine_configs(export_dir: Path, manifest: ExportManifest) -> None:
     """Rewrite the written engine configs for the export's current folder."""
-    for target, written in manifest.get("engine_configs", {}).items():
+    for target, written in manifest.engine_configs.items():
         config = relocated_engine_config(export_dir, manifest, target)
         path = Path(export_dir) / written
         path.write_text(yaml.safe_dump(config, sort_keys=False) if target == "trtllm" else json.dumps(config, indent=2))

@@ -10,6 +10,7 @@ from typing import Any
 
 from draftsmith.engines.vllm_offline import chat_run, engine_plan, run_vllm_engines, with_outputs
 from draftsmith.export.engine_configs import vllm_runtime_config
+from draftsmith.pipeline.artifacts import RoundTrip, RoundTripSample
 from draftsmith.recipe.schema import VllmSettings
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def first_user_turns(conversation_files: list[str], count: int) -> list[list[dic
 
 
 def greedy_round_trip(base_dir: Path, speculative_config: dict[str, Any], prompts: list[list[dict[str, str]]],
-                      max_tokens: int, device: str = "cpu", vllm: VllmSettings | None = None) -> dict[str, Any]:
+                      max_tokens: int, device: str = "cpu", vllm: VllmSettings | None = None) -> RoundTrip:
     """Run the base with and without the draft in vLLM (one process, one engine after the other); return the
     comparison and vLLM's acceptance counters."""
     runs = [chat_run(prompts, max_tokens)]
@@ -45,14 +46,14 @@ def greedy_round_trip(base_dir: Path, speculative_config: dict[str, Any], prompt
     mismatches = [i for i, (a, b) in enumerate(zip(plain["outputs"], drafted["outputs"], strict=True))
                   if a["token_ids"] != b["token_ids"]]
     counters = drafted["spec_decode"] or {}
-    result = {"prompts": len(prompts), "identical": not mismatches, "mismatched_prompts": mismatches,
-              "output_tokens": drafted["output_tokens"], "acceptance_length": counters.get("acceptance_length"),
-              "num_drafts": counters.get("num_drafts", 0), "num_accepted_tokens": counters.get("num_accepted_tokens", 0),
-              "accepted_per_position": counters.get("num_accepted_tokens_per_pos"),
-              "tokens_per_s": {"base": plain["output_tokens_per_s"], "with_draft": drafted["output_tokens_per_s"]},
-              # what the base answered, greedy: a reference any engine serving this export must reproduce
-              "samples": [{"messages": prompt, "text": out["text"]}
-                          for prompt, out in zip(prompts, plain["outputs"], strict=True)]}
-    log.info("vLLM round trip: %d prompts, identical=%s, acceptance length %s", len(prompts), result["identical"],
-             result["acceptance_length"])
+    result = RoundTrip(
+        prompts=len(prompts), identical=not mismatches, mismatched_prompts=mismatches,
+        output_tokens=drafted["output_tokens"], acceptance_length=counters.get("acceptance_length"),
+        num_drafts=counters.get("num_drafts", 0), num_accepted_tokens=counters.get("num_accepted_tokens", 0),
+        accepted_per_position=counters.get("num_accepted_tokens_per_pos"),
+        tokens_per_s={"base": plain["output_tokens_per_s"], "with_draft": drafted["output_tokens_per_s"]},
+        samples=[RoundTripSample(messages=prompt, text=out["text"])
+                 for prompt, out in zip(prompts, plain["outputs"], strict=True)])
+    log.info("vLLM round trip: %d prompts, identical=%s, acceptance length %s", len(prompts), result.identical,
+             result.acceptance_length)
     return result

@@ -7,9 +7,9 @@ A stage returns its artifact from `run`; downstream stages read attributes (`ctx
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
 class Frozen(BaseModel):
@@ -141,6 +141,37 @@ class QatArtifact(Artifact):
     report: dict[str, dict[str, float]] | None = Field(description="Validation of bf16, PTQ and QAT; None: no QAT.")
 
 
+class RoundTripSample(Frozen):
+    """One prompt of the round trip and the base's greedy answer to it."""
+
+    messages: list[dict[str, str]]
+    text: str
+
+
+class RoundTrip(Frozen):
+    """The greedy round trip of an export through vLLM: the base with and without the draft, token for token."""
+
+    prompts: int
+    identical: bool
+    mismatched_prompts: list[int]
+    output_tokens: int
+    acceptance_length: float | None
+    num_drafts: int
+    num_accepted_tokens: int
+    accepted_per_position: list[int] | None
+    tokens_per_s: dict[str, float] = Field(description="'base' and 'with_draft' output tokens/s.")
+    samples: list[RoundTripSample] = Field(description="What the base answered, greedy: a reference any engine "
+                                                       "serving this export must reproduce.")
+
+
+def _not_run(value: Any) -> Any:
+    # Written before the round trip was typed: `{"skipped": True}` or `{}` meant it did not run.
+    return None if value == {} or value == {"skipped": True} else value
+
+
+MaybeRoundTrip = Annotated[RoundTrip | None, BeforeValidator(_not_run)]
+
+
 class ExportArtifact(Artifact):
     """Stage `export`: the export folder and what its manifest says about it."""
 
@@ -148,8 +179,7 @@ class ExportArtifact(Artifact):
     algorithm: str
     variants: dict[str, str] = Field(description="Draft variant name -> folder within the export.")
     engine_configs: dict[str, str] = Field(description="Runtime -> its config file within the export.")
-    verification: dict[str, Any] = Field(description="The greedy round trip through vLLM ({'skipped': True} or "
-                                                     "empty when not run).")
+    verification: MaybeRoundTrip = Field(description="The greedy round trip through vLLM; None when not run.")
 
 
 class EvaluationArtifact(Artifact):

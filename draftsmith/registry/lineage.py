@@ -30,7 +30,7 @@ def lineage_tags(recipe: Recipe, upstream: dict[str, StageResult]) -> dict[str, 
         if stage in upstream and upstream[stage].mlflow_run_id:
             tags[f"draftsmith.run.{stage}"] = upstream[stage].mlflow_run_id
     verification = export.verification
-    if verification.get("acceptance_length") is not None:
-        tags["draftsmith.roundtrip_acceptance_length"] = f"{verification['acceptance_length']:.3f}"
-        tags["draftsmith.roundtrip_identical"] = verification["identical"]
+    if verification is not None and verification.acceptance_length is not None:
+        tags["draftsmith.roundtrip_acceptance_length"] = f"{verification.acceptance_length:.3f}"
+        tags["draftsmith.roundtrip_identical"] = verification.identical
     return {k: str(v) for k, v in tags.items()}

@@ -19,7 +19,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from draftsmith import tracking
-from draftsmith.export.bundle import read_manifest
+from draftsmith.export.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def register_export(*, name: str, export_dir: Path, base_dir: Path, recipe_file:
                     ) -> dict[str, Any]:
     """Log the pyfunc (in the active run) and register it as a new version of `name`; returns version info."""
     manifest = read_manifest(export_dir)
-    algorithm, digest = manifest["algorithm"], manifest["export_digest"]
+    algorithm, digest = manifest.algorithm, manifest.export_digest
     check_registry_name(name, algorithm)
     if alias is not None and alias not in ALIASES:
         raise RegistryError(f"alias {alias!r} is not one of {ALIASES}")

@@ -14,9 +14,12 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from draftsmith.recipe.schema import ServingSettings
+
+if TYPE_CHECKING:
+    from draftsmith.export.manifest import ExportManifest
 
 # The export code (and with it transformers' model registry, 7-11 s of imports on 2 cores) is imported where a
 # model is opened: the deploy job, Serve's build task and the ingress replica import this module and never do.
@@ -108,14 +111,12 @@ class ServedModel:
     base_dir: Path
     export_dir: Path
     version: str | None
-    manifest: dict[str, Any]
+    manifest: ExportManifest
 
     def card(self) -> dict[str, Any]:
         """What /v1/models says about the model, besides its id."""
-        quantization = (self.manifest.get("quantization") or {}).get("format") or "bf16"
-        return {"registry_version": self.version, "algorithm": self.manifest["algorithm"],
-                "quantization": quantization,
-                "max_draft_len": (self.manifest.get("export_settings") or {}).get("max_draft_len")}
+        return {"registry_version": self.version, "algorithm": self.manifest.algorithm,
+                "quantization": self.manifest.quantization_format, "max_draft_len": self.manifest.max_draft_len}
 
     def vllm_speculative_config(self, settings: ServingSettings, device: str) -> dict[str, Any] | None:
         from draftsmith.export.bundle import export_engine_config
@@ -125,7 +126,7 @@ class ServedModel:
             return None
         config = export_engine_config(self.export_dir, "vllm", device=device)
         if config is None:
-            raise ModelSourceError(f"{self.model_id}: this {self.manifest['algorithm']} export has no draft vLLM "
+            raise ModelSourceError(f"{self.model_id}: this {self.manifest.algorithm} export has no draft vLLM "
                                    "can load; serve it with engine: trtllm or speculative: false")
         if settings.num_speculative_tokens:
             config["num_speculative_tokens"] = settings.num_speculative_tokens
@@ -136,7 +137,7 @@ class ServedModel:
 
         config = export_engine_config(self.export_dir, "trtllm")
         if config is None:
-            raise ModelSourceError(f"{self.model_id}: this {self.manifest['algorithm']} export has no TensorRT-LLM "
+            raise ModelSourceError(f"{self.model_id}: this {self.manifest.algorithm} export has no TensorRT-LLM "
                                    "config (see the export's manifest: engines_without_config)")
         return config
 
@@ -148,7 +149,7 @@ def download_root(settings: ServingSettings) -> Path:
 def materialize(settings: ServingSettings) -> ServedModel:
     """The pinned model on local disk: downloaded once per machine and version (replicas share it under a lock)."""
     from draftsmith.evaluation.evaluate import from_export, from_registry, open_downloaded_version
-    from draftsmith.export.bundle import read_manifest
+    from draftsmith.export.manifest import read_manifest
 
     ref = required_ref(settings)
     model_id = default_model_id(settings)

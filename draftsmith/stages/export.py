@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from draftsmith import tracking
-from draftsmith.export.bundle import MANIFEST, export_bundle
+from draftsmith.export.bundle import export_bundle
 from draftsmith.export.engine_configs import engine_config
+from draftsmith.export.manifest import MANIFEST, ExportManifest
 from draftsmith.export.verify import RoundTripError, first_user_turns, greedy_round_trip
 from draftsmith.pipeline.artifacts import (BaseArtifact, ExportArtifact, QatArtifact, QuantizeArtifact,
-                                           SynthesisArtifact)
+                                           RoundTrip, SynthesisArtifact)
 from draftsmith.pipeline.stage import Stage, StageContext
 from draftsmith.recipe.schema import Recipe
 
@@ -34,10 +35,10 @@ class ExportStage(Stage):
         settings = recipe.export
         device = "gpu" if recipe.training.use_gpu else "cpu"
 
-        def round_trip(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        def round_trip(folder: Path, manifest: ExportManifest) -> RoundTrip | None:
             config = engine_config(folder, manifest, "vllm", device=device, settings=settings)
             if settings.verify_prompts == 0 or "vllm" not in settings.targets or config is None:
-                return {"skipped": True}
+                return None
             conversations = [str(p) for p in ctx.input("synthesize", SynthesisArtifact).conversations]
             prompts = first_user_turns(conversations, settings.verify_prompts)
             # On CPU the check runs in float32: in bf16, verifying k + 1 positions in one step rounds differently
@@ -45,10 +46,10 @@ class ExportStage(Stage):
             # export; float32 checks the export itself.
             vllm = recipe.vllm.model_copy(update={"dtype": "float32"}) if device == "cpu" else recipe.vllm
             result = greedy_round_trip(base.model_dir, config, prompts, settings.verify_max_tokens, device, vllm)
-            if not result["identical"]:
+            if not result.identical:
                 raise RoundTripError(
                     f"vLLM's greedy output with the exported draft differs from the base's on prompts "
-                    f"{result['mismatched_prompts']} of {result['prompts']}: the export is not lossless"
+                    f"{result.mismatched_prompts} of {result.prompts}: the export is not lossless"
                 )
             return result
 
@@ -57,12 +58,12 @@ class ExportStage(Stage):
             quantized_base_dir=ctx.input("quantize", QuantizeArtifact).quantized_base_dir,
             settings=settings, out_dir=out_dir / EXPORT_DIR, verify=round_trip,
         )
-        verification = manifest.get("verification", {})
-        if verification.get("acceptance_length") is not None:
-            tracking.log_metrics({"roundtrip_acceptance_length": verification["acceptance_length"],
-                                  "roundtrip_identical": float(verification["identical"])})
+        verification = manifest.verification
+        if verification is not None and verification.acceptance_length is not None:
+            tracking.log_metrics({"roundtrip_acceptance_length": verification.acceptance_length,
+                                  "roundtrip_identical": float(verification.identical)})
         tracking.log_artifact(out_dir / EXPORT_DIR / MANIFEST)
         tracking.set_tags({"draftsmith.export": str((out_dir / EXPORT_DIR).resolve())})
-        return ExportArtifact(export_dir=(out_dir / EXPORT_DIR).resolve(), algorithm=manifest["algorithm"],
-                              variants=manifest["draft"]["variants"], engine_configs=manifest["engine_configs"],
+        return ExportArtifact(export_dir=(out_dir / EXPORT_DIR).resolve(), algorithm=manifest.algorithm,
+                              variants=manifest.draft.variants, engine_configs=manifest.engine_configs,
                               verification=verification)

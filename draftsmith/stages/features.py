@@ -41,8 +41,8 @@ class FeaturesStage(Stage):
             base_dir=base_dir, data_dir=ctx.input("dataset", DatasetArtifact).data_dir, out_dir=store, layout=layout,
             compute_dtype="bfloat16" if recipe.training.precision == "bf16" else "float32", pad_id=pad_id,
             gpus=recipe.training.num_workers if recipe.training.use_gpu else 0)
-        tracking.log_metrics({k: float(v) for k, v in manifest.items()
+        tracking.log_metrics({k: float(v) for k, v in manifest.model_dump().items()
                               if k in ("tokens", "bytes", "bytes_per_token", "bytes_per_token_bfloat16",
                                        "compute_seconds", "wall_seconds")})
         tracking.log_artifact(store / MANIFEST_FILE)
-        return FeaturesArtifact(features_dir=store.resolve(), **{k: v for k, v in manifest.items() if k != "format"})
+        return FeaturesArtifact(features_dir=store.resolve(), **manifest.model_dump(exclude={"format"}))

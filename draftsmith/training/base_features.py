@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from draftsmith.draft.algorithms import get_algorithm, text_config
 from draftsmith.recipe.schema import DraftSettings
@@ -192,7 +193,7 @@ def _read_offsets(path: Path) -> np.ndarray:
 
 
 def build_feature_store(*, base_dir: str | Path, data_dir: str | Path, out_dir: Path, layout: FeatureLayout,
-                        compute_dtype: str, pad_id: int, gpus: int = 0) -> dict[str, Any]:
+                        compute_dtype: str, pad_id: int, gpus: int = 0) -> FeatureStoreManifest:
     """Every dataset part's features into OUT/<split>/, on Ray Data tasks; returns the manifest (also written).
 
     On CPU one task computes every part with all the cores (the base loads once, and the parts are of very
@@ -219,35 +220,59 @@ def build_feature_store(*, base_dir: str | Path, data_dir: str | Path, out_dir: 
     tokens = sum(int(d["tokens"]) for d in done)
     stored = sum(Path(j["out"]).stat().st_size for j in jobs)
     values = layout.segments * layout.hidden_size
-    manifest = {
-        "format": FORMAT, "aux_layer_ids": list(layout.aux_layer_ids), "hidden_size": layout.hidden_size,
-        "dtype": layout.dtype, "compute_dtype": compute_dtype, "parts": len(jobs), "tokens": tokens,
-        "bytes": stored, "bytes_per_token": stored / max(1, tokens),
-        "bytes_per_token_bfloat16": values * 2, "bytes_per_token_float32": values * 4,
-        "compute_seconds": sum(float(d["seconds"]) for d in done), "wall_seconds": time.perf_counter() - started,
-    }
-    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    manifest = FeatureStoreManifest(
+        aux_layer_ids=list(layout.aux_layer_ids), hidden_size=layout.hidden_size, dtype=layout.dtype,
+        compute_dtype=compute_dtype, parts=len(jobs), tokens=tokens, bytes=stored,
+        bytes_per_token=stored / max(1, tokens), bytes_per_token_bfloat16=values * 2,
+        bytes_per_token_float32=values * 4, compute_seconds=sum(float(d["seconds"]) for d in done),
+        wall_seconds=time.perf_counter() - started)
+    (out_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
     log.info("base features: %d tokens, %.0f bytes per token (%s; bfloat16 would be %d, float32 %d), %.0f s",
-             tokens, manifest["bytes_per_token"], layout.dtype, values * 2, values * 4, manifest["wall_seconds"])
+             tokens, manifest.bytes_per_token, layout.dtype, values * 2, values * 4, manifest.wall_seconds)
     return manifest
 
 
-def read_manifest(features_dir: str | Path) -> dict[str, Any]:
+class FeatureStoreManifest(BaseModel):
+    """`features.json`: which base states the store holds, how they are stored, and what computing them cost."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: Literal["draftsmith-base-features/1"] = FORMAT
+    aux_layer_ids: list[int]
+    hidden_size: int
+    dtype: str  # storage
+    compute_dtype: str
+    parts: int
+    tokens: int
+    bytes: int  # on disk
+    bytes_per_token: float
+    bytes_per_token_bfloat16: int
+    bytes_per_token_float32: int
+    compute_seconds: float
+    wall_seconds: float
+
+
+def read_manifest(features_dir: str | Path) -> FeatureStoreManifest:
     path = Path(features_dir) / MANIFEST_FILE
     if not path.is_file():
         raise FeatureStoreError(f"{features_dir} is not a finished feature store ({MANIFEST_FILE} is missing); "
                                 "re-run the features stage")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise FeatureStoreError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; re-run the "
-                                "features stage")
-    return manifest
+    record = json.loads(path.read_text())
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise FeatureStoreError(f"{path}: format {found!r}, expected {FORMAT!r}; re-run the features stage")
+    try:
+        return FeatureStoreManifest.model_validate(record)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        raise FeatureStoreError(f"{path}: key {'.'.join(map(str, problem['loc']))!r}: {problem['msg']}; re-run "
+                                "the features stage") from None
 
 
 def check_store_fits(features_dir: str | Path, reads: tuple[tuple[int, ...], int]) -> None:
     """Fail before training when the store holds other states than the draft reads ((aux ids, hidden size))."""
     manifest = read_manifest(features_dir)
-    stored = (tuple(manifest["aux_layer_ids"]), manifest["hidden_size"])
+    stored = (tuple(manifest.aux_layer_ids), manifest.hidden_size)
     if stored != (tuple(reads[0]), reads[1]):
         raise FeatureStoreError(
             f"{features_dir} holds aux layers {list(stored[0])} of hidden size {stored[1]}, but the draft reads "
@@ -262,7 +287,7 @@ class FeatureReader:
         from safetensors import safe_open
 
         manifest = read_manifest(features_dir)
-        self.layout = FeatureLayout(tuple(manifest["aux_layer_ids"]), manifest["hidden_size"], manifest["dtype"])
+        self.layout = FeatureLayout(tuple(manifest.aux_layer_ids), manifest.hidden_size, manifest.dtype)
         self.dtype = dtype
         self._files = []
         self._index: dict[str, tuple[int, int, int]] = {}

@@ -17,6 +17,7 @@ import torch
 
 if TYPE_CHECKING:
     from draftsmith.draft.checkpoint import DraftMeta, LoadedDraft
+    from draftsmith.export.manifest import DraftRecord
     from draftsmith.recipe.schema import DraftSettings, ExportSettings
 
 
@@ -123,7 +124,7 @@ class DraftAlgorithm(ABC):
         return None
 
     @abstractmethod
-    def trtllm_speculative(self, draft_dir: Path, settings: ExportSettings, draft: dict[str, Any]
+    def trtllm_speculative(self, draft_dir: Path, settings: ExportSettings, draft: DraftRecord
                            ) -> dict[str, Any]:
         """TensorRT-LLM's `speculative_config` (only called when `unsupported_reason("trtllm")` is None)."""
 

@@ -31,6 +31,7 @@ from draftsmith.draft.algorithms.eagle_family import head_dim
 
 if TYPE_CHECKING:
     from draftsmith.draft.checkpoint import DraftMeta, LoadedDraft
+    from draftsmith.export.manifest import DraftRecord
     from draftsmith.recipe.schema import DraftSettings, ExportSettings
 
 VLLM_ARCHITECTURE = "DFlashDraftModel"
@@ -197,7 +198,7 @@ class DFlash(DraftAlgorithm):
                     "PyTorch backend drafts with EAGLE-3, MTP, n-gram and draft-target models)")
         return None
 
-    def trtllm_speculative(self, draft_dir: Path, settings: ExportSettings, draft: dict[str, Any]
+    def trtllm_speculative(self, draft_dir: Path, settings: ExportSettings, draft: DraftRecord
                            ) -> dict[str, Any]:
         raise AssertionError(self.unsupported_reason("trtllm"))
 

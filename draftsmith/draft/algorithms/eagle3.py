@@ -24,6 +24,7 @@ from draftsmith.draft.algorithms.eagle_family import EagleFamily
 
 if TYPE_CHECKING:
     from draftsmith.draft.checkpoint import LoadedDraft
+    from draftsmith.export.manifest import DraftRecord
     from draftsmith.recipe.schema import DraftSettings, ExportSettings
 
 
@@ -92,11 +93,11 @@ class Eagle3(EagleFamily):
         return ExportedDraft({"trtllm": TRTLLM_DRAFT, "vllm": VLLM_DRAFT,
                               **vllm_cpu_variant(out_dir, quantization, dtype)}, quantization)
 
-    def trtllm_speculative(self, draft_dir: Path, settings: ExportSettings, draft: dict[str, Any]
+    def trtllm_speculative(self, draft_dir: Path, settings: ExportSettings, draft: DraftRecord
                            ) -> dict[str, Any]:
         speculative = super().trtllm_speculative(draft_dir, settings, draft)
         # TensorRT-LLM sizes the draft's fc for 3 captured layers unless told the ids (numbered like ModelOpt's).
-        aux = draft.get("aux_layer_ids")
+        aux = draft.aux_layer_ids
         if aux is not None and len(aux) != 3:
             speculative["eagle3_layers_to_capture"] = list(aux)
         return speculative

@@ -20,6 +20,7 @@ from draftsmith.draft.algorithms.base import (Capabilities, DraftAlgorithm, Draf
 
 if TYPE_CHECKING:
     from draftsmith.draft.checkpoint import DraftMeta
+    from draftsmith.export.manifest import DraftRecord
     from draftsmith.recipe.schema import DraftSettings, ExportSettings
 
 _MASK_CACHE_SHAPES = 8
@@ -186,7 +187,7 @@ class EagleFamily(DraftAlgorithm):
                     quantized=exported.quantization is not None and variant != "vllm_cpu")
                 for variant, folder in exported.variants.items()}
 
-    def trtllm_speculative(self, draft_dir: Path, settings: ExportSettings, draft: dict[str, Any]
+    def trtllm_speculative(self, draft_dir: Path, settings: ExportSettings, draft: DraftRecord
                            ) -> dict[str, Any]:
         # The portable spellings: `decoding_type: Eagle` (rebuilt as Eagle3 on the PyTorch backend when the draft
         # folder says so) and `speculative_model_dir` (1.0-1.1; an accepted alias of `speculative_model` since).

@@ -20,6 +20,7 @@ from draftsmith.draft.algorithms.base import (Capabilities, DraftAlgorithm, Expo
 
 if TYPE_CHECKING:
     from draftsmith.draft.checkpoint import DraftMeta, LoadedDraft
+    from draftsmith.export.manifest import DraftRecord
     from draftsmith.recipe.schema import DraftSettings, ExportSettings
 
 IGNORE_INDEX = -100
@@ -111,7 +112,7 @@ class Medusa(DraftAlgorithm):
                     "vLLM, draft-vllm/")
         return None
 
-    def trtllm_speculative(self, draft_dir: Path, settings: ExportSettings, draft: dict[str, Any]
+    def trtllm_speculative(self, draft_dir: Path, settings: ExportSettings, draft: DraftRecord
                            ) -> dict[str, Any]:
         raise AssertionError(self.unsupported_reason("trtllm"))
 
