@@ -12,6 +12,7 @@ from pathlib import Path
 
 import ray
 
+from draftsmith import progress
 from draftsmith.provenance import PROJECT_ROOT, git_commit
 from draftsmith.recipe.schema import RaySettings
 
@@ -81,8 +82,11 @@ def connect(settings: RaySettings) -> None:
         return
     address = settings.address or os.environ.get("RAY_ADDRESS")
     # Only what this process's environment lacks: a `ray job submit` runtime env that already sets a key
-    # conflicts with a driver that sets it again, and workers inherit the rest anyway.
-    runtime_env = {"env_vars": {k: v for k, v in worker_env().items() if k not in os.environ}}
+    # conflicts with a driver that sets it again, and workers inherit the rest anyway. The progress settings this
+    # process chose for itself (a log, not a terminal) are never the job's, and a worker cannot choose them: its
+    # output is always a file.
+    runtime_env = {"env_vars": {**{k: v for k, v in worker_env().items() if k not in os.environ},
+                                **progress.worker_env()}}
     if address:
         check_reachable(settings)
         try:

@@ -1,6 +1,7 @@
 """Deploy (or roll over) the draftsmith endpoint on a running Ray cluster.
 
-    python -m jobs.deploy --config serve/config.yaml --address http://127.0.0.1:8265 \
+    draftsmith deploy --recipe tiny-eagle3 --address http://127.0.0.1:8265
+    python -m jobs.deploy --config serve/config.yaml --address http://127.0.0.1:8265 \\
         [--recipe tiny-eagle3] [--set model_ref=models:/NAME@champion] [--set replicas=2] [--dry-run]
 
 Resolves each app's `models:/NAME@ALIAS` to the version it names now and deploys that version (what
@@ -17,8 +18,12 @@ import sys
 
 import yaml
 
+from draftsmith.provenance import PROJECT_ROOT
 from draftsmith.serving.deploy import DeployError, deploy, load_serve_config, render
 from draftsmith.serving.model_source import ModelSourceError
+
+# The project's Serve config wherever the command runs (`draftsmith deploy` outside the checkout too).
+SERVE_CONFIG = PROJECT_ROOT / "serve" / "config.yaml"
 
 
 def recipe_serving(name: str) -> tuple[dict, str]:
@@ -32,9 +37,10 @@ def recipe_serving(name: str) -> tuple[dict, str]:
     return serving, tracking.resolve_tracking_uri(recipe.tracking, recipe.output_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="serve/config.yaml")
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(SERVE_CONFIG), help="a Serve config (default: the project's)")
     parser.add_argument("--recipe", help="apply a recipe's `serving` section, its registry (tracking.uri) and, "
                         "unless set, model_ref models:/REGISTRY_NAME@champion")
     parser.add_argument("--address", default=os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265"),

@@ -1,7 +1,8 @@
 """Evaluate a draft through vLLM: acceptance length, tokens/s against the base and n-gram speculation, greedy
 equality, on the recipe's prompt sets at its temperatures.
 
-    python -m jobs.evaluate --recipe tiny-eagle3                              # the recipe's own export
+    draftsmith evaluate --recipe tiny-eagle3                                  # the recipe's own export
+    python -m jobs.evaluate --recipe tiny-eagle3                              # the same
     python -m jobs.evaluate --recipe tiny-eagle3 --model models:/tiny-eagle3-draft@champion
     python -m jobs.evaluate --recipe tiny-eagle3 --export runs/tiny-eagle3/export-*/export [--base DIR]
 
@@ -19,7 +20,15 @@ from pathlib import Path
 from draftsmith.cli import parse_recipe, recipe_parser, run_main
 
 
-def main() -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = recipe_parser(__doc__, prog)
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--model", help="a registered version: models:/NAME@ALIAS or models:/NAME/VERSION")
+    target.add_argument("--export", help="an export folder (with manifest.json)")
+    parser.add_argument("--base", help="the base model folder, when it moved since the export")
+    parser.add_argument("--out", type=Path, help="report folder (default OUTPUT_DIR/RECIPE/evaluations/TIME)")
+    args = parser.parse_args(argv)
+    recipe = parse_recipe(args)
     from draftsmith import tracking
     from draftsmith.evaluation.evaluate import evaluate_draft, resolve_draft
     from draftsmith.pipeline.artifacts import EvaluationArtifact, PromptsArtifact
@@ -27,14 +36,6 @@ def main() -> int:
     from draftsmith.stages.evaluate import eval_device
     from draftsmith.stages.run import run_recipe
 
-    parser = recipe_parser(__doc__.splitlines()[0])
-    target = parser.add_mutually_exclusive_group()
-    target.add_argument("--model", help="a registered version: models:/NAME@ALIAS or models:/NAME/VERSION")
-    target.add_argument("--export", help="an export folder (with manifest.json)")
-    parser.add_argument("--base", help="the base model folder, when it moved since the export")
-    parser.add_argument("--out", type=Path, help="report folder (default OUTPUT_DIR/RECIPE/evaluations/TIME)")
-    args = parser.parse_args()
-    recipe = parse_recipe(args)
     if not (args.model or args.export):
         print(output_of(run_recipe(recipe, until="evaluate"), "evaluate", EvaluationArtifact).markdown.read_text())
         return 0

@@ -1,6 +1,7 @@
 """Register: the export as a new version of the recipe's MLflow registered model, with lineage tags, then the
 promotion gate (champion only if it beats the current champion on the gate set).
 
+    draftsmith register --recipe tiny-eagle3
     python -m jobs.register --recipe tiny-eagle3
     python -m jobs.register --recipe tiny-eagle3 --gate VERSION              # re-run the gate for a version
     python -m jobs.register --recipe tiny-eagle3 --promote VERSION --alias champion
@@ -19,18 +20,22 @@ import time
 from draftsmith.cli import parse_recipe, recipe_parser, run_main
 
 
-def main() -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = recipe_parser(__doc__, prog)
+    parser.add_argument("--alias", help="champion or challenger: alias for the new (or --promote'd) version; skips "
+                        "the gate")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--promote", metavar="VERSION", help="only move --alias to this existing version")
+    action.add_argument("--gate", metavar="VERSION", help="only run the promotion gate for this existing version")
+    args = parser.parse_args(argv)
+    recipe = parse_recipe(args)
     from draftsmith import tracking
     from draftsmith.registry.register import ALIASES, set_alias
     from draftsmith.stages.run import run_recipe, summary
 
-    parser = recipe_parser(__doc__.splitlines()[0])
-    parser.add_argument("--alias", choices=ALIASES, help="alias for the new (or --promote'd) version; skips the gate")
-    action = parser.add_mutually_exclusive_group()
-    action.add_argument("--promote", metavar="VERSION", help="only move --alias to this existing version")
-    action.add_argument("--gate", metavar="VERSION", help="only run the promotion gate for this existing version")
-    args = parser.parse_args()
-    recipe = parse_recipe(args)
+    # Checked after parsing: --help must not import the registry (MLflow) for the list of aliases.
+    if args.alias is not None and args.alias not in ALIASES:
+        parser.error(f"argument --alias: invalid choice: {args.alias!r} (choose from {', '.join(ALIASES)})")
     name = recipe.tracking.registry_name
     if args.promote:
         if not args.alias:

@@ -2,24 +2,32 @@
 
 It stands in for `vllm serve` / `trtllm-serve` where their start-up would dominate a test, and can misbehave
 on purpose: a user turn containing FAIL500 always gets HTTP 500, one containing FLAKY gets 429 the first time.
-Every request body is recorded, so tests can check what the client sent.
+Every request body is recorded, so tests can check what the client sent. `stream: true` is answered as
+server-sent events, a chunk per word. Without a model folder it answers with `reply(messages)` instead of a model
+(no torch imported), for tests of clients rather than of generation.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 
 class OpenAITestServer:
-    def __init__(self, model_dir: Path, api_key: str | None = None):
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    def __init__(self, model_dir: Path | None, api_key: str | None = None,
+                 reply: Callable[[list[dict]], str] | None = None, model_id: str = "tiny-base"):
+        assert (model_dir is None) != (reply is None), "a model folder or a reply function, not both"
+        self.reply, self.model_id = reply, model_id
+        if model_dir is not None:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.api_key, self.requests, self.lock, self.flaky_seen = api_key, [], threading.Lock(), set()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -29,6 +37,11 @@ class OpenAITestServer:
         self.httpd.shutdown()
 
     def complete(self, messages: list[dict], max_tokens: int) -> tuple[str, int, str]:
+        if self.reply is not None:
+            text = self.reply(messages)
+            return text, len(text.split()), "stop"
+        import torch
+
         enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                  return_dict=True)
         with self.lock, torch.inference_mode():
@@ -62,7 +75,20 @@ class OpenAITestServer:
 
             def do_GET(self):
                 if self._authorised():
-                    self._send(200, {"object": "list", "data": [{"id": "tiny-base", "object": "model"}]})
+                    self._send(200, {"object": "list", "data": [{"id": server.model_id, "object": "model"}]})
+
+            def _stream(self, model: str, text: str, reason: str) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                for piece in [*re.findall(r"\S+\s*", text), None]:
+                    delta = {"role": "assistant", "content": piece} if piece is not None else {}
+                    chunk = {"id": "x", "object": "chat.completion.chunk", "model": model,
+                             "choices": [{"index": 0, "delta": delta, "finish_reason": None if piece else reason}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.close_connection = True
 
             def do_POST(self):
                 if not self._authorised():
@@ -76,6 +102,8 @@ class OpenAITestServer:
                     server.flaky_seen.add(last)
                     return self._send(429, {"error": {"message": "slow down"}})
                 text, tokens, reason = server.complete(body["messages"], body.get("max_tokens", 64))
+                if body.get("stream"):
+                    return self._stream(body["model"], text, reason)
                 self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"],
                                  "choices": [{"index": 0, "finish_reason": reason,
                                               "message": {"role": "assistant", "content": text}}],

@@ -162,7 +162,7 @@ def _summary(stdout: str) -> dict:
 
 @pytest.mark.slow
 def test_pipeline_job_runs_then_skips(tiny_base, mlflow_server, tmp_path):
-    args = ["--recipe", "tiny-eagle3", "--until", "prompts", "--set", f"output_dir={tmp_path}",
+    args = ["--recipe", "tiny-eagle3", "--until", "prompts", "--json", "--set", f"output_dir={tmp_path}",
             "--set", f"tracking.uri={mlflow_server}"]
     for override in TINY_BASE_OVERRIDES:
         args += ["--set", override]
@@ -171,6 +171,7 @@ def test_pipeline_job_runs_then_skips(tiny_base, mlflow_server, tmp_path):
     summary = _summary(first.stdout)
     assert summary["base"]["outputs"]["model_dir"] == str(tiny_base)
     assert not summary["prompts"]["skipped"]
+    assert json.loads((tmp_path / "tiny-eagle3" / "pipeline.json").read_text()) == summary  # the file --json prints
     prompts = Path(summary["prompts"]["outputs"]["sources"][0]["path"]).read_text().splitlines()
     assert len(prompts) == 40 and "messages" in json.loads(prompts[0])
 
@@ -178,6 +179,9 @@ def test_pipeline_job_runs_then_skips(tiny_base, mlflow_server, tmp_path):
     again = run_job_here("jobs.pipeline", *args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert all(stage["skipped"] for stage in _summary(again.stdout).values())
+    readable = run_job_here("jobs.pipeline", *[a for a in args if a != "--json"])  # the summary a person reads
+    assert readable.returncode == 0 and "2 stages done (0 ran now; 2 found done)" in readable.stdout, readable.stdout
+    assert "draftsmith pipeline --recipe tiny-eagle3" in readable.stdout and "{" not in readable.stdout
 
     more = run_job_here("jobs.pipeline", *args, "--set", "data.num_prompts=41")
     stages = _summary(more.stdout)

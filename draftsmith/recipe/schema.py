@@ -313,6 +313,13 @@ class TrtllmSettings(Strict):
     max_batch_size: int = Field(64, gt=0)
     max_num_tokens: int = Field(8192, gt=0)
     kv_cache_free_gpu_memory_fraction: float = Field(0.85, gt=0, le=1)
+    loss_kernel: Literal["auto", "modelopt", "fused"] = Field(
+        "auto", description="How the EAGLE family's loss (soft-target cross-entropy against the base's distribution) "
+        "is computed: modelopt: ModelOpt's expression, which makes several [tokens x draft vocabulary] tensors per "
+        "TTT step; fused: kernels.soft_target_cross_entropy (Triton on CUDA, row blocks on CPU), the same loss in "
+        "a fraction of the memory; auto: fused for EAGLE drafts (on CPU, a third of ModelOpt's peak and 0.7-0.8x "
+        "its time at 32K-128K vocabularies: draftsmith/bench/loss_kernel.py). Medusa and DFlash keep their own losses.",
+    )
     cuda_graph_max_batch_size: int = Field(64, ge=0, description="0 turns CUDA graphs off.")
     capacity_scheduler_policy: Literal["GUARANTEED_NO_EVICT", "MAX_UTILIZATION", "STATIC_BATCH"] = \
         "GUARANTEED_NO_EVICT"
@@ -534,3 +541,8 @@ def algorithm(name: str):
 
     return get_algorithm(name)
 
+        from draftsmith.draft.fused_loss import has_eagle_loss  # here: it imports the algorithms, as `algorithm` does
+
+        if self.training.loss_kernel == "fused" and not has_eagle_loss(self.draft.algorithm):
+            raise ValueError(f"training.loss_kernel=fused replaces the EAGLE family's loss, but draft.algorithm="
+                             f"{self.draft.algorithm} has its own; use training.loss_kernel=auto")

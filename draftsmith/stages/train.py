@@ -28,9 +28,11 @@ class TrainStage(Stage):
 
     def settings(self, recipe: Recipe) -> dict[str, Any]:
         # How often to log or keep checkpoints, failures tolerated and the resume policy do not change the result;
-        # offline features do not either (the same states), and their store's fingerprint is an input when used.
+        # offline features do not either (the same states), and their store's fingerprint is an input when used;
+        # nor does the loss kernel (the same objective, to rounding: tests/test_kernels.py).
         settings = recipe.training.model_dump(mode="json", exclude={"log_every", "keep_checkpoints", "max_failures",
-                                                                    "resume", "base_features", "feature_dtype"})
+                                                                    "resume", "base_features", "feature_dtype",
+                                                                    "loss_kernel"})
         revision = get_algorithm(recipe.draft.algorithm).objective_revision
         return settings if revision is None else {**settings, "objective_revision": revision}
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from draftsmith.draft.checkpoint import LoadedDraft, load_draft, write_checkpoint
 from draftsmith.draft.algorithms import draft_forward
+from draftsmith.draft.fused_loss import install_fused_loss
 from draftsmith.training.base_features import FeatureReader, FeatureStoreError, check_store_fits, model_layout
 from draftsmith.training.batching import collate, micro_batch_sequence
 from draftsmith.training.distributed import lr_lambda, rank0_mlflow, prepare_worker
@@ -185,6 +186,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     loaded = load_draft(config.init_checkpoint, config.base_dir)
     model, algorithm = loaded.model, loaded.meta.algorithm
     model.train()
+    if config.loss_kernel == "fused":
+        install_fused_loss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     total = config.steps

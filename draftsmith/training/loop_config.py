@@ -34,5 +34,8 @@ class LoopConfig(BaseModel):
     eval_every: int
     checkpoint_every: int
     seed: int
+    loss_kernel: Literal["modelopt", "fused"] = Field(
+        description="The EAGLE loss as resolved on the driver (`resolve_loss_kernel`): fused installs "
+        "`draftsmith.draft.fused_loss` on the model before training.")
     tracking_uri: str | None = Field(description="MLflow, for rank 0 to log into `run_id`; None: no logging.")
     run_id: str | None

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from draftsmith import tracking
 from draftsmith.draft.algorithms import get_algorithm
 from draftsmith.draft.checkpoint import DraftMeta, check_compatible
+from draftsmith.draft.fused_loss import resolve_loss_kernel
 from draftsmith.plots import line_plot
 from draftsmith.recipe.schema import TrainingSettings
 from draftsmith.training.base_features import read_manifest
@@ -102,6 +103,7 @@ def train_draft(*, init_checkpoint: Path, base_dir: Path, data_dir: Path, settin
     meta = check_compatible(init_checkpoint, algorithm=algorithm, base_dir=base_dir)
     if features_dir is not None:
         read_manifest(features_dir)
+    loss_kernel = resolve_loss_kernel(settings.loss_kernel, meta.algorithm)  # fails here if ModelOpt's loss changed
     steps = steps or settings.steps
     plan = _plan(data_dir, "train", settings, shuffle=True)
     validation_plan = _plan(data_dir, "validation", settings, shuffle=False)
@@ -129,13 +131,13 @@ def train_draft(*, init_checkpoint: Path, base_dir: Path, data_dir: Path, settin
         warmup_steps=min(settings.warmup_steps, steps // 2), schedule=settings.schedule,
         min_lr_ratio=settings.min_lr_ratio, grad_accumulation=settings.grad_accumulation,
         log_every=settings.log_every, eval_every=settings.eval_every,
-        checkpoint_every=settings.checkpoint_every, seed=settings.seed,
+        checkpoint_every=settings.checkpoint_every, seed=settings.seed, loss_kernel=loss_kernel,
         tracking_uri=tracking.current_uri() if run_id else None, run_id=run_id,
     )
     batches_per_epoch = len(plan[0]) // settings.grad_accumulation
-    log.info("training a %s draft: %d steps on %d workers (%d steps per epoch; the base's features %s)",
+    log.info("training a %s draft: %d steps on %d workers (%d steps per epoch; the base's features %s; %s loss)",
              meta.algorithm, steps, settings.num_workers, batches_per_epoch,
-             "online" if features_dir is None else f"from {features_dir}")
+             "online" if features_dir is None else f"from {features_dir}", loss_kernel)
     result = run_torch_trainer(
         train_worker, loop.model_dump(), name=RUN_NAME, storage_path=out_dir / RAY_TRAIN_DIR,
         num_workers=settings.num_workers, use_gpu=settings.use_gpu,
@@ -149,7 +151,7 @@ def train_draft(*, init_checkpoint: Path, base_dir: Path, data_dir: Path, settin
                "initial_metrics": final.get("initial_metrics", {}),
                "base_unchanged": final.get("base_unchanged", False),
                "epochs": steps / max(1, batches_per_epoch), "algorithm": meta.algorithm,
-               "base_features": "online" if features_dir is None else "offline",
+               "base_features": "online" if features_dir is None else "offline", "loss_kernel": loss_kernel,
                "draft": str(out_dir / DRAFT_DIR), "checkpoint": result.checkpoint.path}
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     if run_id:
