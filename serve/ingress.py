@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 from fastapi import Request
-from pydantic import ValidationError
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest, CompletionRequest, ErrorResponse)
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
@@ -20,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from draftsmith.recipe.schema import ServingSettings
 from draftsmith.serving.auth import load_api_key
 from draftsmith.serving.errors import APIError, invalid
-from draftsmith.serving.limits import CHAT, check_prompt_tokens, check_request, parse_body
+from draftsmith.serving.limits import CHAT, check_prompt_tokens, check_request, parse_body, parse_request
 from draftsmith.serving.metrics import ServeMetrics
 from draftsmith.serving.retry import retry_attempts
 from draftsmith.serving.stream import StreamAccount
@@ -181,12 +180,7 @@ class DraftsmithIngress(OpenAiIngress):
             wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             if body.get("stream"):
                 body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-            try:
-                parsed = REQUEST_TYPES[kind].model_validate({**body, "model": model})
-            except ValidationError as exc:
-                first_error = exc.errors()[0]
-                param = ".".join(str(p) for p in first_error.get("loc", ())) or None
-                raise invalid(f"{param}: {first_error.get('msg')}", param) from None
+            parsed = parse_request(REQUEST_TYPES[kind], body, model)
             prompt_tokens = await self._prompt_tokens(model, kind, body)
             check_prompt_tokens(prompt_tokens, self.settings)
             first, stream = await self._call_engine(model, kind, parsed)

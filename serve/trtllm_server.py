@@ -30,7 +30,8 @@ def trtllm_args(settings: ServingSettings, model) -> dict[str, Any]:
         options.pop("speculative_config", None)
     elif settings.num_speculative_tokens:
         options["speculative_config"]["max_draft_len"] = settings.num_speculative_tokens
-    options = {**options, "enable_iter_perf_stats": True, **settings.engine_kwargs}
+    options = {**options, "enable_iter_perf_stats": True, **settings.engine_kwargs,
+               "trust_remote_code": settings.trust_remote_code}
     if settings.max_model_len:
         options.setdefault("max_seq_len", settings.max_model_len)
     return {"model": str(model.base_dir), "tokenizer": str(model.base_dir), **options}

@@ -39,6 +39,7 @@ def vllm_engine_kwargs(settings: ServingSettings, model, device: str) -> dict[st
     if speculative is not None:
         kwargs["speculative_config"] = speculative
     kwargs.update(settings.engine_kwargs)
+    kwargs["trust_remote_code"] = settings.trust_remote_code  # only ever from the setting (engine_kwargs refuse it)
     return kwargs
 
 

@@ -219,3 +219,35 @@ def test_a_manifest_from_another_layout_is_refused_naming_the_key(base_dir, tmp_
         (tmp_path / "export" / "manifest.json").write_text(json.dumps(broken))
         with pytest.raises(ManifestError, match=key):
             read_manifest(tmp_path / "export")
+
+
+def test_drill_a_disk_that_fills_during_the_export_leaves_nothing_half_written(base_dir, tmp_path):
+    """Fault drill: the exporting process runs out of room mid-write (its file-size limit stands in for a full
+    disk: `write()` fails the same way, part of a file written). Nothing is left that looks finished: no export
+    folder, no temporary one, so the stage runs again."""
+    import subprocess
+    import sys
+    import textwrap
+
+    checkpoint, out = _checkpoint(base_dir, tmp_path / "ckpt"), tmp_path / "export"
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        from pathlib import Path
+        from draftsmith.base_model import model_fingerprint
+        from draftsmith.export.bundle import export_bundle
+        from draftsmith.recipe.schema import ExportSettings
+
+        base = Path({str(base_dir)!r})
+        digest = model_fingerprint(base)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with an OSError instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+        try:
+            export_bundle(checkpoint=Path({str(checkpoint)!r}), base_dir=base, base_hash=digest,
+                          quantized_base_dir=None, settings=ExportSettings(), out_dir=Path({str(out)!r}))
+        except Exception as exc:  # OSError from Python's writes, SafetensorError from safetensors' own
+            print("write failed:", type(exc).__name__, exc)
+            sys.exit(3)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3 and "write failed" in done.stdout, (done.stdout, done.stderr[-2000:])
+    assert not out.exists() and not (tmp_path / ".export.tmp").exists()  # (with room, it is any export above)

@@ -175,6 +175,25 @@ def test_oversized_and_malformed_bodies_are_refused(endpoint):
     assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_json"
 
 
+def test_random_bodies_over_http_get_4xx_openai_errors_never_5xx(endpoint):
+    """The fuzz of tests/test_bad_input.py through the real endpoint, on loopback: 60 bodies, each at most a few
+    generated tokens (an accepted body gets max_tokens 4)."""
+    import random
+
+    from tests.test_bad_input import _random_body
+
+    rng, c = random.Random(11), client(endpoint[0])
+    for i in range(60):
+        kind = "chat" if i % 2 else "completions"
+        body = _random_body(rng, kind)
+        body.setdefault("max_tokens", 4)
+        answer = c.post(f"/v1/{'chat/' if kind == 'chat' else ''}completions", json=body)
+        assert answer.status_code < 500, (body, answer.text)
+        if answer.status_code >= 400:
+            error = answer.json()["error"]
+            assert error["message"] and error["type"], answer.text
+
+
 def test_model_resolves_by_alias_and_reports_its_version(endpoint, registered):
     card = client(endpoint[0]).get(f"/v1/models/{MODEL}").json()
     assert card["metadata"]["serving_versions"] == [registered[1]]

@@ -205,6 +205,7 @@ def test_trtllm_deployment_speaks_openai_over_the_llm_api(flow):
         assert llm.kwargs["speculative_config"]["max_draft_len"] == 2
         assert Path(llm.kwargs["speculative_config"]["speculative_model_dir"]).is_dir()
         assert Path(llm.kwargs["model"], "config.json").is_file() and llm.kwargs["enable_iter_perf_stats"]
+        assert llm.kwargs["trust_remote_code"] is False  # only serving.trust_remote_code turns it on
         request = {"messages": [{"role": "user", "content": "What is 4 plus 4?"}], "max_tokens": 3, "n": 2,
                    "temperature": 0.5, "seed": 1}
         (answer,) = [item async for item in server.chat(request)]

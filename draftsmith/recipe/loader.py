@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from draftsmith.recipe.schema import Recipe
+from draftsmith.yaml_input import YamlInputError, compose_yaml, load_yaml
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "platform" / "recipes"
 
@@ -20,14 +21,21 @@ class RecipeError(ValueError):
 
 
 def resolve_recipe_path(name_or_path: str | Path) -> Path:
-    """A path as given, or a bare name (`tiny-eagle3`) looked up in platform/recipes/."""
+    """A path as given, or a bare name (`tiny-eagle3`, no folder and no .yaml) looked up in platform/recipes/.
+
+    A path that does not exist is an error even when its file name matches a bundled recipe: silently running
+    the bundled one instead of the user's (misspelt) file is the worse failure.
+    """
     path = Path(name_or_path)
     if path.is_file():
         return path
-    candidate = RECIPES_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    available = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    if path.parent != Path(".") or path.suffix in (".yaml", ".yml"):
+        raise RecipeError(f"recipe file {str(name_or_path)!r} does not exist; fix the path, or name a bundled "
+                          f"recipe without folder or suffix: one of {available}")
+    candidate = RECIPES_DIR / f"{path.name}.yaml"
     if candidate.is_file():
         return candidate
-    available = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
     raise RecipeError(f"recipe {str(name_or_path)!r} not found; give a YAML path or one of {available}")
 
 
@@ -48,13 +56,16 @@ def _key_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _format_errors(err: ValidationError, source: str, root: yaml.Node | None) -> str:
+def _format_errors(err: ValidationError, source: str, root: yaml.Node | None, overrides: list[str]) -> str:
     lines = [f"{source}: invalid recipe ({err.error_count()} problem{'s' if err.error_count() > 1 else ''})"]
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
+        # The last override that set this key (or a section above it) is where the value came from.
+        given = [o for o in overrides if key == o.split("=", 1)[0].strip() or
+                 key.startswith(o.split("=", 1)[0].strip() + ".")]
         line = _key_line(root, loc) if loc else None
-        where = f"{source}:{line}" if line else source
+        where = f"--set {given[-1]}" if given else f"{source}:{line}" if line else source
         if e["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown key '{key}' (check its spelling; the schema is draftsmith/recipe/schema.py)")
         elif e["type"] == "missing":
@@ -76,18 +87,23 @@ def apply_override(data: dict, dotted: str) -> None:
         if not isinstance(child, dict):
             raise RecipeError(f"override {dotted!r}: '{part}' is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = load_yaml(raw, f"override {dotted!r}")
+    except YamlInputError as exc:
+        raise RecipeError(str(exc)) from None
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Parse and validate a recipe; overrides use the same schema as the file."""
     path = resolve_recipe_path(name_or_path)
-    text = path.read_text()
     try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+        text = path.read_text()
+        root = compose_yaml(text, str(path))
+        data = load_yaml(text, str(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot be read ({exc})") from None
+    except YamlInputError as exc:
+        raise RecipeError(str(exc)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -97,7 +113,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_format_errors(exc, str(path), root)) from None
+        raise RecipeError(_format_errors(exc, str(path), root, overrides or [])) from None
 
 
 def as_jsonable(settings: Any) -> Any:

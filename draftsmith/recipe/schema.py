@@ -3,15 +3,38 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator,
+                      model_validator)
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in get_args(annotation))
+    return any(_accepts_bool(a) for a in get_args(annotation))
+
+
+# Engine arguments that name Python to import or run (vLLM's and TensorRT-LLM's).
+CODE_LOADING_ENGINE_ARGS = frozenset({"worker_cls", "worker_extension_cls", "logits_processors",
+                                      "logits_processor_pattern", "hf_overrides", "scheduler_cls",
+                                      "distributed_executor_backend", "checkpoint_loader"})
 
 
 class Strict(BaseModel):
     """Base of every recipe section: unknown keys are errors, values are validated on assignment too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # Pydantic's lax mode reads `true` as 1 for an int field: `--set training.steps=true` would train one step.
+        if isinstance(value, bool) and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"got {str(value).lower()}, a YAML boolean, where a {info.field_name} value is expected")
+        return value
 
 
 # ----------------------------------------------------------------------------------------------- base model
@@ -290,6 +313,13 @@ class TrainingSettings(Strict):
         "auto", description="auto: continue from this stage's latest checkpoint if any; require: fail without one; "
         "never: discard earlier checkpoints and start over.",
     )
+    loss_kernel: Literal["auto", "modelopt", "fused"] = Field(
+        "auto", description="How the EAGLE family's loss (soft-target cross-entropy against the base's distribution) "
+        "is computed: modelopt: ModelOpt's expression, which makes several [tokens x draft vocabulary] tensors per "
+        "TTT step; fused: kernels.soft_target_cross_entropy (Triton on CUDA, row blocks on CPU), the same loss in "
+        "a fraction of the memory; auto: fused for EAGLE drafts (on CPU, a third of ModelOpt's peak and 0.7-0.8x "
+        "its time at 32K-128K vocabularies: draftsmith/bench/loss_kernel.py). Medusa and DFlash keep their own losses.",
+    )
 
 
 # ------------------------------------------------------------------------------------------- quantization
@@ -313,13 +343,6 @@ class TrtllmSettings(Strict):
     max_batch_size: int = Field(64, gt=0)
     max_num_tokens: int = Field(8192, gt=0)
     kv_cache_free_gpu_memory_fraction: float = Field(0.85, gt=0, le=1)
-    loss_kernel: Literal["auto", "modelopt", "fused"] = Field(
-        "auto", description="How the EAGLE family's loss (soft-target cross-entropy against the base's distribution) "
-        "is computed: modelopt: ModelOpt's expression, which makes several [tokens x draft vocabulary] tensors per "
-        "TTT step; fused: kernels.soft_target_cross_entropy (Triton on CUDA, row blocks on CPU), the same loss in "
-        "a fraction of the memory; auto: fused for EAGLE drafts (on CPU, a third of ModelOpt's peak and 0.7-0.8x "
-        "its time at 32K-128K vocabularies: draftsmith/bench/loss_kernel.py). Medusa and DFlash keep their own losses.",
-    )
     cuda_graph_max_batch_size: int = Field(64, ge=0, description="0 turns CUDA graphs off.")
     capacity_scheduler_policy: Literal["GUARANTEED_NO_EVICT", "MAX_UTILIZATION", "STATIC_BATCH"] = \
         "GUARANTEED_NO_EVICT"
@@ -434,10 +457,15 @@ class ServingSettings(Strict):
     max_model_len: int | None = Field(None, gt=0, description="Default: the base's context (capped at 16384).")
     vllm: VllmSettings = Field(default_factory=VllmSettings, description="How the vLLM replicas start.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the engine as they are "
-                                          "(vLLM engine args, or TensorRT-LLM LLM args).")
+                                          "(vLLM engine args, or TensorRT-LLM LLM args), except those that load "
+                                          "code by name (see trust_remote_code).")
+    trust_remote_code: bool = Field(False, description="Let the engine run Python shipped with the base model "
+                                    "(its config's auto_map); only for a base you have read. Never set through "
+                                    "engine_kwargs.")
     tracking_uri: str | None = Field(None, description="MLflow server of the registry; default $MLFLOW_TRACKING_URI.")
-    download_dir: str | None = Field(None, description="Where replicas keep downloaded versions; default a "
-                                     "draftsmith-serve folder in the system temp dir.")
+    download_dir: str | None = Field(None, description="Where replicas keep downloaded versions (a folder only "
+                                     "this user can write); default draftsmith-serve-UID (mode 700) in the system "
+                                     "temp dir. A download is reused while its files match their recorded digests.")
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     replicas: int = Field(1, gt=0, description="Engine replicas when autoscaling is not set.")
@@ -455,6 +483,19 @@ class ServingSettings(Strict):
     max_tokens_limit: int = Field(1024, gt=0)
     max_prompt_tokens: int = Field(2048, gt=0)
     max_n: int = Field(4, gt=0)
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_code_by_name(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # Each of these makes the engine import or run code named in the config: a Serve config is data, and
+        # whoever may edit one should not thereby run code on every replica.
+        if "trust_remote_code" in kwargs:
+            raise ValueError("trust_remote_code is not an engine_kwargs key: set serving.trust_remote_code: true, "
+                             "after reading the base's code")
+        refused = sorted(set(kwargs) & CODE_LOADING_ENGINE_ARGS)
+        if refused:
+            raise ValueError(f"engine_kwargs {refused} load code by name; draftsmith does not pass them on")
+        return kwargs
+
     engine_retry_s: float = Field(60.0, ge=0, description="How long a request that fails in the engine before "
                                   "its first byte keeps being sent again (after 1, 2, 4, then every 4 s): Serve's "
                                   "health check (every 5 s, 3 failures in a row) takes a dead engine's replica out "
@@ -473,7 +514,9 @@ class RaySettings(Strict):
 
 
 class Recipe(Strict):
-    name: str = Field(description="Names the run folder and MLflow runs.")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,
+                      description="Names the run folder (OUTPUT_DIR/NAME) and MLflow runs: letters, digits, '_', "
+                      "'.', '-', starting with a letter or digit (no folders, so the run stays in OUTPUT_DIR).")
     output_dir: str = Field("runs", description="Run outputs live under OUTPUT_DIR/NAME.")
     base: BaseModelSettings = Field(default_factory=BaseModelSettings)
     draft: DraftSettings = Field(default_factory=DraftSettings)
@@ -514,6 +557,11 @@ class Recipe(Strict):
                 f"draft.algorithm={self.draft.algorithm} does not train from them; use training.base_features=online"
             )
         draft = algorithm(self.draft.algorithm)
+        from draftsmith.draft.fused_loss import has_eagle_loss  # here: it imports the algorithms, as `algorithm` does
+
+        if self.training.loss_kernel == "fused" and not has_eagle_loss(self.draft.algorithm):
+            raise ValueError(f"training.loss_kernel=fused replaces the EAGLE family's loss, but draft.algorithm="
+                             f"{self.draft.algorithm} has its own; use training.loss_kernel=auto")
         if reason := draft.unsupported_reason(self.serving.engine):
             raise ValueError(f"serving.engine={self.serving.engine} cannot serve draft.algorithm="
                              f"{self.draft.algorithm}: {reason}; use serving.engine=vllm")
@@ -541,8 +589,3 @@ def algorithm(name: str):
 
     return get_algorithm(name)
 
-        from draftsmith.draft.fused_loss import has_eagle_loss  # here: it imports the algorithms, as `algorithm` does
-
-        if self.training.loss_kernel == "fused" and not has_eagle_loss(self.draft.algorithm):
-            raise ValueError(f"training.loss_kernel=fused replaces the EAGLE family's loss, but draft.algorithm="
-                             f"{self.draft.algorithm} has its own; use training.loss_kernel=auto")

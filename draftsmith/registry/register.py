@@ -20,11 +20,11 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from draftsmith import tracking
 from draftsmith.export.manifest import read_manifest
+from draftsmith.registry.speculative_pyfunc import installed_version
 
 log = logging.getLogger(__name__)
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
 ALGORITHM_TAG = "draftsmith.algorithm"
 DIGEST_TAG = "draftsmith.export_digest"
 ALIASES = ("champion", "challenger")
@@ -77,12 +77,13 @@ def register_export(*, name: str, export_dir: Path, base_dir: Path, recipe_file:
         version = found
     else:
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_FILE), code_paths=[str(PACKAGE_DIR)],
+            # No code_paths: the stored model file imports the installed draftsmith (see pyfunc_model.py).
+            name="model", python_model=str(PYFUNC_FILE),
             artifacts={"export": str(export_dir), "recipe": str(recipe_file),
                        **({"base": str(base_dir)} if bundle_base else {})},
             # Every key a loader may override must be here (MLflow ignores unknown ones): compiled by default.
             model_config={"num_speculative_tokens": num_speculative_tokens, "base_model": str(base_dir),
-                          "enforce_eager": False},
+                          "enforce_eager": False, "draftsmith_version": installed_version()},
             signature=SIGNATURE,
             pip_requirements=["mlflow", "vllm", "torch", "transformers", "safetensors", "pyyaml", "pydantic"],
         )

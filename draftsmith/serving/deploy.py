@@ -17,6 +17,7 @@ import yaml
 
 from draftsmith.recipe.schema import ServingSettings
 from draftsmith.serving.model_source import pin
+from draftsmith.yaml_input import YamlInputError, load_yaml, read_yaml_file
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,10 @@ class DeployError(RuntimeError):
 
 
 def load_serve_config(path: str | Path) -> dict[str, Any]:
-    config = yaml.safe_load(Path(path).read_text())
+    try:
+        config = read_yaml_file(path)
+    except YamlInputError as exc:
+        raise DeployError(str(exc)) from None
     if not isinstance(config, dict) or not config.get("applications"):
         raise DeployError(f"{path}: not a Serve config (no `applications` list)")
     return config
@@ -53,7 +57,10 @@ def render(config: dict[str, Any], overrides: list[str] | None = None, tracking_
             key, sep, value = item.partition("=")
             if not sep:
                 raise DeployError(f"override {item!r}: expected KEY=VALUE")
-            _set(args, key.strip(), yaml.safe_load(value))
+            try:
+                _set(args, key.strip(), load_yaml(value, f"override {item!r}"))
+            except YamlInputError as exc:
+                raise DeployError(str(exc)) from None
         uri = args.get("tracking_uri") or tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if uri:
             args["tracking_uri"] = uri

@@ -8,11 +8,24 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jinja2
+from pydantic import BaseModel, ValidationError
+
 from draftsmith.recipe.schema import ServingSettings
 from draftsmith.serving.errors import APIError, invalid
 
 CHAT, COMPLETIONS = "chat", "completions"
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit; vLLM reads -1 as "the whole vocabulary", per token
+
+# What the endpoint accepts. The engine's request types take many more (vLLM's guided decoding, logits
+# processors, prompt_logprobs=-1, ...), each a way to make one request cost what a thousand should: a field not
+# listed here gets a 400 naming it rather than passing through unchecked.
+_COMMON = {"model", "max_tokens", "n", "seed", "temperature", "top_p", "top_k", "min_p", "stop", "stream",
+           "stream_options", "user", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
+           "prompt_logprobs", "logprobs", "ignore_eos"}
+ACCEPTED = {CHAT: _COMMON | {"messages", "max_completion_tokens", "top_logprobs"},
+            COMPLETIONS: _COMMON | {"prompt", "echo"}}
 
 
 def parse_body(raw: bytes, settings: ServingSettings) -> dict[str, Any]:
@@ -52,6 +65,11 @@ def _number(body: dict[str, Any], key: str, low: float, high: float, low_open: b
 
 def check_request(body: dict[str, Any], kind: str, settings: ServingSettings) -> dict[str, Any]:
     """The body with its limits checked and `max_tokens` defaulted to the endpoint's limit (bounded work)."""
+    unknown = sorted(set(body) - ACCEPTED[kind])
+    if unknown:
+        raise invalid(f"{unknown[0]} is not supported by this endpoint (it accepts {', '.join(sorted(ACCEPTED[kind]))})",
+                      unknown[0], "unsupported_parameter")
+    prompts = 1
     if kind == CHAT:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -60,11 +78,31 @@ def check_request(body: dict[str, Any], kind: str, settings: ServingSettings) ->
         prompt = body.get("prompt")
         if not prompt or not isinstance(prompt, str | list):
             raise invalid("prompt must be a non-empty string (or list of strings)", "prompt", "missing")
+        if isinstance(prompt, list) and not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            prompts = len(prompt)  # a batch of prompts, each generating n completions
     for key in ("max_tokens", "max_completion_tokens"):
         _int(body, key, 1, settings.max_tokens_limit)
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body = {**body, "max_tokens": settings.max_tokens_limit}
-    _int(body, "n", 1, settings.max_n)
+    n = _int(body, "n", 1, settings.max_n) or 1
+    if prompts * n > settings.max_n:
+        raise invalid(f"prompt is a batch of {prompts} prompts with n={n}: {prompts * n} completions; this endpoint "
+                      f"generates at most {settings.max_n} per request (send several requests)", "prompt")
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+    _int(body, "min_tokens", 0, max_tokens)
+    _int(body, "prompt_logprobs", 0, MAX_LOGPROBS)
+    _int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    _int(body, "top_k", -1, None)
+    if kind == CHAT:
+        if not isinstance(body.get("logprobs", False), bool):
+            raise invalid("logprobs must be true or false (top_logprobs says how many)", "logprobs")
+    else:
+        _int(body, "logprobs", 0, MAX_LOGPROBS)
+        if not isinstance(body.get("echo", False), bool):
+            raise invalid("echo must be true or false", "echo")
+    for key, low, high in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0),
+                           ("repetition_penalty", 0.0, 2.0), ("min_p", 0.0, 1.0)):
+        _number(body, key, low, high, low_open=key == "repetition_penalty")
     _int(body, "seed", -(2**63), 2**63 - 1)
     _number(body, "temperature", 0.0, 2.0)
     _number(body, "top_p", 0.0, 1.0, low_open=True)
@@ -75,9 +113,26 @@ def check_request(body: dict[str, Any], kind: str, settings: ServingSettings) ->
             raise invalid("stop must be a string or a list of strings", "stop")
         if len(stops) > MAX_STOP_SEQUENCES:
             raise invalid(f"stop has {len(stops)} sequences; at most {MAX_STOP_SEQUENCES}", "stop")
-    if not isinstance(body.get("stream", False), bool):
-        raise invalid("stream must be true or false", "stream")
+    for flag in ("stream", "ignore_eos"):  # ignore_eos costs no more than max_tokens, which is bounded
+        if not isinstance(body.get(flag, False), bool):
+            raise invalid(f"{flag} must be true or false", flag)
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
+        raise invalid("stream_options may only hold include_usage", "stream_options")
+    if not isinstance(body.get("user", ""), str) or not isinstance(body.get("model", ""), str):
+        raise invalid("user and model must be strings", "user" if not isinstance(body.get("user", ""), str)
+                      else "model")
     return body
+
+
+def parse_request(request_type: type[BaseModel], body: dict[str, Any], model: str) -> Any:
+    """The checked body as the engine's request type; its first validation problem is a 400 naming the field."""
+    try:
+        return request_type.model_validate({**body, "model": model})
+    except ValidationError as exc:
+        first_error = exc.errors()[0]
+        param = ".".join(str(p) for p in first_error.get("loc", ())) or None
+        raise invalid(f"{param}: {first_error.get('msg')}", param) from None
 
 
 def check_prompt_tokens(count: int, settings: ServingSettings) -> None:
@@ -89,7 +144,12 @@ def check_prompt_tokens(count: int, settings: ServingSettings) -> None:
 def prompt_token_ids(tokenizer, kind: str, body: dict[str, Any]) -> list[int]:
     """The prompt as the engine will see it: the chat template with the generation prompt, or the raw prompt."""
     if kind == CHAT:
-        ids = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
+        try:
+            ids = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
+        except (jinja2.TemplateError, AttributeError, IndexError) as exc:
+            # The template met messages it cannot render (a raise_exception in it, a turn of the wrong shape):
+            # the request's fault, reported as such (ValueError is what the ingress turns into a 400).
+            raise ValueError(f"the chat template cannot render these messages ({exc})") from None
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     prompt = body["prompt"]
     if isinstance(prompt, list):  # token ids, or a batch of prompts: the longest one counts

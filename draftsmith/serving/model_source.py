@@ -9,8 +9,11 @@ and returns what the engines need.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +84,17 @@ def _client(settings: ServingSettings):
     return MlflowClient()
 
 
+def _check_registry_reachable(uri: str) -> None:
+    # MLflow's client retries an unreachable server for minutes before it says anything (and then that the
+    # version is not registered): ask /health once, with a short timeout, first.
+    from draftsmith.tracking import TrackingError, check_reachable
+
+    try:
+        check_reachable(uri)
+    except TrackingError as exc:
+        raise ModelSourceError(f"the registry cannot be reached: {exc}") from None
+
+
 def pin(settings: ServingSettings) -> ServingSettings:
     """Settings with `model_version` set to the version `model_ref` names now (unchanged for an export folder)."""
     from mlflow.exceptions import MlflowException
@@ -92,6 +106,7 @@ def pin(settings: ServingSettings) -> ServingSettings:
         return settings.model_copy(update={"model_ref": str(Path(ref).resolve()), "model_version": None})
     parsed = RegistryRef.parse(ref)
     client = _client(settings)
+    _check_registry_reachable(client.tracking_uri)
     try:
         if parsed.alias:
             version = client.get_model_version_by_alias(parsed.name, parsed.alias).version
@@ -143,11 +158,51 @@ class ServedModel:
 
 
 def download_root(settings: ServingSettings) -> Path:
-    return Path(settings.download_dir or Path(tempfile.gettempdir()) / "draftsmith-serve")
+    """Where replicas keep downloaded versions: the setting, else a folder of this user's in the temp dir. Either
+    must be writable by this user alone: whoever else could write there could swap the weights or the
+    completion marker that replicas trust."""
+    if settings.download_dir:
+        return _private_folder(Path(settings.download_dir), "serving.download_dir", strict=False)
+    return _private_folder(Path(tempfile.gettempdir()) / f"draftsmith-serve-{os.getuid()}", "the download folder",
+                           strict=True)
+
+
+def _private_folder(root: Path, what: str, *, strict: bool) -> Path:
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = root.lstat()
+    writable_by_others = info.st_mode & (0o022 if strict else 0o002)
+    if root.is_symlink() or info.st_uid != os.getuid() or writable_by_others:
+        raise ModelSourceError(f"{what} {root} is not private to this user (owner uid {info.st_uid}, mode "
+                               f"{oct(info.st_mode & 0o777)}, symlink {root.is_symlink()}): downloaded models are "
+                               "trusted from there; use a folder only you can write (chmod 700) or set "
+                               "serving.download_dir")
+    return root
+
+
+def tree_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path."""
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        digests[str(path.relative_to(folder))] = digest.hexdigest()
+    return digests
+
+
+def _verified_download(target: Path, marker: Path) -> bool:
+    """Whether `target` is exactly what was downloaded when `marker` was written (each file's digest)."""
+    try:
+        recorded = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # no marker, or one from before digests were recorded
+    return target.is_dir() and tree_digests(target) == recorded
 
 
 def materialize(settings: ServingSettings) -> ServedModel:
-    """The pinned model on local disk: downloaded once per machine and version (replicas share it under a lock)."""
+    """The pinned model on local disk: downloaded once per machine and version (replicas share it under a lock),
+    and reused only while every file still has the digest recorded at download."""
     from draftsmith.evaluation.evaluate import from_export, from_registry, open_downloaded_version
     from draftsmith.export.manifest import read_manifest
 
@@ -161,17 +216,21 @@ def materialize(settings: ServingSettings) -> ServedModel:
     if version is None:
         version = pin(settings).model_version
     _client(settings)  # points MLflow at the registry
-    target = download_root(settings) / f"{parsed.name}-v{version}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{parsed.name}-v{version}.lock", "w") as lock:
+    root = download_root(settings)
+    target = root / f"{parsed.name}-v{version}"
+    with open(root / f".{parsed.name}-v{version}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # replicas on one machine download a version once
-        marker = target.parent / f".{parsed.name}-v{version}.complete"
-        if marker.is_file():
+        marker = root / f".{parsed.name}-v{version}.complete"
+        if _verified_download(target, marker):
             draft = open_downloaded_version(next(target.rglob("MLmodel")).parent)
         else:
+            if target.exists():
+                log.warning("%s does not match its recorded digests (or has none): downloading it again", target)
+                shutil.rmtree(target)
+            marker.unlink(missing_ok=True)
             log.info("downloading models:/%s/%s to %s", parsed.name, version, target)
             draft = from_registry(f"models:/{parsed.name}/{version}", target)
-            marker.write_text(str(draft.export_dir))
+            marker.write_text(json.dumps({"export_dir": str(draft.export_dir), "files": tree_digests(target)}))
     return ServedModel(model_id, draft.base_dir, draft.export_dir, str(version), read_manifest(draft.export_dir))
 
 

@@ -48,6 +48,16 @@ class PromptsStage(Stage):
             **({"vllm": recipe.vllm.model_dump(mode="json"), "device": prompts_device(recipe)} if generates else {}),
         }
 
+    def preflight(self, recipe: Recipe) -> None:
+        from draftsmith.synthesis.records import check_source
+
+        for n, source in enumerate(recipe.data.sources):
+            if isinstance(source, FileSource):
+                check_source(source.path, f"data.sources[{n}].path")
+        for prompt_set in recipe.evaluation.prompt_sets:
+            if prompt_set.path is not None:
+                check_source(prompt_set.path, f"evaluation.prompt_sets[{prompt_set.name}].path")
+
     def run(self, ctx: StageContext, out_dir: Path) -> PromptsArtifact:
         recipe = ctx.recipe
         base_dir = ctx.input("base", BaseArtifact).model_dir

@@ -30,6 +30,14 @@ class SynthesizeStage(Stage):
             "openai": {"max_concurrency", "max_retries", "timeout_s", "api_key_env"}})
         return {"synthesis": synthesis}
 
+    def preflight(self, recipe: Recipe) -> None:
+        # An endpoint that is down would otherwise answer every request with a connection error, and each
+        # conversation would be quarantined as if the data were bad.
+        if recipe.synthesis.engine == "openai":
+            from draftsmith.synthesis.engines import check_endpoint
+
+            check_endpoint(recipe.synthesis.openai)
+
     def run(self, ctx: StageContext, out_dir: Path) -> SynthesisArtifact:
         recipe = ctx.recipe
         sources = [(str(s.path), s.format) for s in ctx.input("prompts", PromptsArtifact).sources]

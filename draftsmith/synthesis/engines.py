@@ -13,13 +13,14 @@ import json
 import logging
 import os
 import random
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
 from draftsmith.engines.vllm_args import engine_args, engine_env
 from draftsmith.engines.vllm_cpu import compute_threads, share_of_cores
-from draftsmith.recipe.schema import SynthesisSettings, VllmSettings
+from draftsmith.recipe.schema import OpenAIEndpoint, SynthesisSettings, VllmSettings
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,27 @@ class OpenAIChatEngine:
 
     def close(self) -> None:
         pass
+
+
+def check_endpoint(settings: OpenAIEndpoint, timeout_s: float = 10.0) -> None:
+    """SynthesisError (one line) unless the endpoint answers `GET /models`: down, unreachable or refusing the key."""
+    from draftsmith.synthesis.synthesize import SynthesisError
+
+    request = urllib.request.Request(settings.base_url.rstrip("/") + "/models")
+    api_key = os.environ.get(settings.api_key_env)
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as exc:
+        hint = f" (is ${settings.api_key_env} the right key?)" if exc.code in (401, 403) else ""
+        raise SynthesisError(f"synthesis.openai.base_url={settings.base_url}: GET /models answered HTTP "
+                             f"{exc.code}{hint}") from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SynthesisError(f"synthesis.openai.base_url={settings.base_url} is unreachable ({reason}); start the "
+                             "endpoint or fix the URL") from None
 
 
 def resolve_openai_model(base_url: str, api_key: str | None, timeout_s: float = 10.0) -> str:

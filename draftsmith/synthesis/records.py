@@ -51,6 +51,18 @@ def source_files(path: str | Path) -> list[Path]:
     return [path]
 
 
+def check_source(path: str | Path, key: str) -> None:
+    """Before anything starts: `path` (recipe key `key`) is a file or a folder of data files, none of them empty.
+    Bad records inside are quarantined later; a missing or empty file is a mistake in the recipe."""
+    try:
+        files = source_files(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{key}: {exc}") from None
+    for file in files:
+        if file.stat().st_size == 0:
+            raise FileNotFoundError(f"{key}: {file} is empty; point at a file with records, or remove it")
+
+
 def raw_records(path: Path) -> Iterator[tuple[int, Any, str]]:
     """(1-based line or row number, parsed record or None, raw text) for each record of a file."""
     if path.suffix == ".parquet":

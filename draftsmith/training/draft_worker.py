@@ -26,6 +26,7 @@ from draftsmith.training.batching import collate, micro_batch_sequence
 from draftsmith.training.distributed import lr_lambda, rank0_mlflow, prepare_worker
 from draftsmith.training.layout import read_split
 from draftsmith.training.loop_config import LoopConfig
+from draftsmith.training.safe_resume import deepspeed_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +186,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed + rank)
     loaded = load_draft(config.init_checkpoint, config.base_dir)
     model, algorithm = loaded.model, loaded.meta.algorithm
-    model.train()
     if config.loss_kernel == "fused":
         install_fused_loss(model)
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     total = config.steps
@@ -200,7 +201,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            engine.load_checkpoint(str(Path(directory) / DEEPSPEED_DIR), load_module_strict=False)
+            with deepspeed_weights_only():  # DeepSpeed itself would unpickle anything written there
+                engine.load_checkpoint(str(Path(directory) / DEEPSPEED_DIR), load_module_strict=False)
             progress = json.loads((Path(directory) / PROGRESS_FILE).read_text())
         progress.pop("metrics", None)
         progress["resumed_from"].append(progress["step"])
