@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from draftsmith.pipeline.artifacts import MaybeRoundTrip, QuantizationInfo
+from draftsmith.pipeline.artifacts import MaybeRoundTrip, QuantizationInfo, read_record
 
 MANIFEST = "manifest.json"
 FORMAT = "draftsmith-export/1"
@@ -91,17 +91,4 @@ def read_manifest(export_dir: str | Path) -> ExportManifest:
     path = Path(export_dir) / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{export_dir} is not a draftsmith export ({MANIFEST} is missing)")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path}: not JSON ({exc.msg} at line {exc.lineno}); re-export the draft") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        found = record.get("format") if isinstance(record, dict) else type(record).__name__
-        raise ManifestError(f"{path}: format {found!r}, expected {FORMAT!r}; re-export the draft with this version")
-    try:
-        return ExportManifest.model_validate(record)
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(map(str, problem["loc"])) or "manifest"
-        raise ManifestError(f"{path}: key {where!r}: {problem['msg']} (written by another version of draftsmith? "
-                            "re-export the draft)") from None
+    return read_record(path, ExportManifest, FORMAT, ManifestError, "re-export the draft with this version")

@@ -6,10 +6,14 @@ A stage returns its artifact from `run`; downstream stages read attributes (`ctx
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class Frozen(BaseModel):
@@ -86,10 +90,10 @@ class ConvertArtifact(Artifact):
     target_token_coverage: float | None = Field(None, description="Share of target tokens the draft can predict.")
 
 
-class FeaturesArtifact(Artifact):
-    """Stage `features`: the stored base states (the store's manifest, less its format tag)."""
+class FeatureStoreFigures(Frozen):
+    """What a feature store holds and what computing it cost (its `features.json`, and the features stage's
+    artifact)."""
 
-    features_dir: Path
     aux_layer_ids: list[int]
     hidden_size: int
     dtype: str = Field(description="Storage dtype of the features.")
@@ -102,6 +106,12 @@ class FeaturesArtifact(Artifact):
     bytes_per_token_float32: int
     compute_seconds: float
     wall_seconds: float
+
+
+class FeaturesArtifact(Artifact, FeatureStoreFigures):
+    """Stage `features`: the stored base states (the store's manifest, less its format tag)."""
+
+    features_dir: Path
 
 
 class TrainArtifact(Artifact):
@@ -162,6 +172,25 @@ class RoundTrip(Frozen):
     tokens_per_s: dict[str, float] = Field(description="'base' and 'with_draft' output tokens/s.")
     samples: list[RoundTripSample] = Field(description="What the base answered, greedy: a reference any engine "
                                                        "serving this export must reproduce.")
+
+
+def read_record(path: Path, kind: type[M], expected_format: str, error: type[Exception], fix: str) -> M:
+    """The JSON file `path` as `kind`, whose `format` must be `expected_format`; `error` (one line: the file, the
+    key, and `fix`) when it is not JSON, of another format, or misses or adds a key."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: not readable JSON ({exc}); {fix}") from None
+    found = record.get("format") if isinstance(record, dict) else type(record).__name__
+    if found != expected_format:
+        raise error(f"{path}: format {found!r}, expected {expected_format!r}; {fix}")
+    try:
+        return kind.model_validate(record)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(map(str, problem["loc"])) or "(top level)"
+        raise error(f"{path}: key {where!r}: {problem['msg']} (written by another version of draftsmith?); "
+                    f"{fix}") from None
 
 
 def _not_run(value: Any) -> Any:

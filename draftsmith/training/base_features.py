@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from draftsmith.draft.algorithms import get_algorithm, text_config
+from draftsmith.pipeline.artifacts import FeatureStoreFigures, read_record
 from draftsmith.recipe.schema import DraftSettings
 from draftsmith.training.layout import TRAIN_DIR, VALIDATION_DIR, split_files
 
@@ -232,24 +232,10 @@ def build_feature_store(*, base_dir: str | Path, data_dir: str | Path, out_dir: 
     return manifest
 
 
-class FeatureStoreManifest(BaseModel):
+class FeatureStoreManifest(FeatureStoreFigures):
     """`features.json`: which base states the store holds, how they are stored, and what computing them cost."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     format: Literal["draftsmith-base-features/1"] = FORMAT
-    aux_layer_ids: list[int]
-    hidden_size: int
-    dtype: str  # storage
-    compute_dtype: str
-    parts: int
-    tokens: int
-    bytes: int  # on disk
-    bytes_per_token: float
-    bytes_per_token_bfloat16: int
-    bytes_per_token_float32: int
-    compute_seconds: float
-    wall_seconds: float
 
 
 def read_manifest(features_dir: str | Path) -> FeatureStoreManifest:
@@ -257,16 +243,7 @@ def read_manifest(features_dir: str | Path) -> FeatureStoreManifest:
     if not path.is_file():
         raise FeatureStoreError(f"{features_dir} is not a finished feature store ({MANIFEST_FILE} is missing); "
                                 "re-run the features stage")
-    record = json.loads(path.read_text())
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        found = record.get("format") if isinstance(record, dict) else type(record).__name__
-        raise FeatureStoreError(f"{path}: format {found!r}, expected {FORMAT!r}; re-run the features stage")
-    try:
-        return FeatureStoreManifest.model_validate(record)
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        raise FeatureStoreError(f"{path}: key {'.'.join(map(str, problem['loc']))!r}: {problem['msg']}; re-run "
-                                "the features stage") from None
+    return read_record(path, FeatureStoreManifest, FORMAT, FeatureStoreError, "re-run the features stage")
 
 
 def check_store_fits(features_dir: str | Path, reads: tuple[tuple[int, ...], int]) -> None:
