@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -168,6 +169,8 @@ def head_node_at(log_dir: Path, env: dict[str, str] | None = None):
     a HeadNode. Stopped by terminating its own process (`ray stop` would stop every Ray here).
 
     Its agents get their own ports: the test session's local Ray already holds the default ones."""
+    from draftsmith.cluster import LOCAL_TRAIN_ENV
+
     port, dashboard = free_port(), free_port()
     agent_ports = [a for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                                   "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port")
@@ -177,7 +180,9 @@ def head_node_at(log_dir: Path, env: dict[str, str] | None = None):
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus",
          "8", "--include-dashboard", "true", "--temp-dir", ray_tmp, *agent_ports],
-        env=clean_env(RAY_AUTH_MODE="disabled", **(env or {})), stdout=open(log_dir / "head.log", "w"),
+        # One local node, as draftsmith's own local Ray: no preemption watcher or Train metrics (cluster.py).
+        env=clean_env(RAY_AUTH_MODE="disabled", **dict.fromkeys(LOCAL_TRAIN_ENV, "0"), **(env or {})),
+        stdout=open(log_dir / "head.log", "w"),
         stderr=subprocess.STDOUT,
     )
     try:
@@ -204,6 +209,63 @@ def head_node_at(log_dir: Path, env: dict[str, str] | None = None):
             shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def submit_job(head: HeadNode, module: str, *args: str, wait: bool = True,
+               submission_id: str | None = None) -> subprocess.CompletedProcess:
+    """`ray job submit` of `python -m MODULE ARGS` to the head node, with this checkout as the working dir and the
+    project's runtime_env, as the README tells a user to; `wait=False` returns once it is submitted."""
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head.dashboard, "--working-dir",
+           str(ROOT), "--runtime-env", str(ROOT / "platform" / "runtime_env.yaml"), *([] if wait else ["--no-wait"]),
+           *(["--submission-id", submission_id] if submission_id else []), "--", sys.executable, "-m", module, *args]
+    for _ in range(20):  # the head's job agent registers a few seconds after the dashboard answers
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                                env=clean_env(RAY_AUTH_MODE="disabled"))
+        if "No available agent" not in result.stderr:
+            return result
+        time.sleep(2)
+    return result
+
+
+def job_running(head: HeadNode, submission_id: str) -> bool:
+    """Whether the submitted job is still pending or running (the Jobs API on the head's dashboard)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(head.dashboard)
+    if client.get_job_status(submission_id) in (JobStatus.PENDING, JobStatus.RUNNING):
+        return True
+    print(f"job {submission_id} ended; its log ends with:\n{client.get_job_logs(submission_id)[-3000:]}")
+    return False
+
+
+def head_processes(head: HeadNode, marker: str, since: float = 0.0) -> list:
+    """Live processes of the head node's cluster whose command line holds `marker`, started at or after `since`."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process(head.pid).children(recursive=True):
+        try:
+            if proc.create_time() >= since and proc.status() != psutil.STATUS_ZOMBIE and \
+                    any(marker in part for part in proc.cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def kill_submitted_job(head: HeadNode, module: str) -> int:
+    """SIGKILL the drivers of submitted `python -m MODULE` jobs; returns how many. Ray runs each entrypoint in a
+    session of its own (shell and Python), so its process group is the job and nothing else, and the job's actors
+    die with their owner."""
+    groups = set()
+    for proc in head_processes(head, module):
+        with contextlib.suppress(ProcessLookupError):
+            groups.add(os.getpgid(proc.pid))
+    groups.discard(os.getpgrp())  # never this session's own group (the head node's processes share it)
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    return len(groups)
+
+
 @pytest.fixture(scope="session")
 def head_node(tmp_path_factory) -> HeadNode:
     """One head node for the session: `ray job submit` runs on it, and the Serve endpoint is deployed on it."""
@@ -211,10 +273,14 @@ def head_node(tmp_path_factory) -> HeadNode:
         yield head
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on loopback with a sqlite backend (the Model Registry needs a database)."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+_MLFLOW_SERVER: dict = {}
+
+
+def start_mlflow_server(root: Path) -> None:
+    """Start the session's `mlflow server` without waiting for it (once): `training_root` starts it before its
+    synthesis, so the server is up by the time `mlflow_server` is first asked for."""
+    if _MLFLOW_SERVER:
+        return
     port = free_port()
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
@@ -224,13 +290,21 @@ def mlflow_server(tmp_path_factory):
         # MLflow's job runner (six processes for its GenAI jobs) has nothing to do here.
         env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
     )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{uri}/health", 120, proc)
-        yield uri
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    _MLFLOW_SERVER.update(proc=proc, uri=f"http://127.0.0.1:{port}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _MLFLOW_SERVER:
+        _MLFLOW_SERVER["proc"].terminate()
+        _MLFLOW_SERVER["proc"].wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback with a sqlite backend (the Model Registry needs a database)."""
+    start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    wait_http(f"{_MLFLOW_SERVER['uri']}/health", 120, _MLFLOW_SERVER["proc"])
+    return _MLFLOW_SERVER["uri"]
 
 
 @pytest.fixture(scope="session")
@@ -274,6 +348,7 @@ def training_root(tiny_base, local_ray, tmp_path_factory) -> Path:
     from draftsmith.recipe.loader import load_recipe
     from draftsmith.stages import pipeline_stages
 
+    start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))  # the flow's, starting while this runs
     root = tmp_path_factory.mktemp("draft-training")
     recipe = load_recipe("tiny-eagle3", [*DATA_OVERRIDES, f"output_dir={root}"])
     tracking.configure(recipe.tracking, root)

@@ -4,19 +4,14 @@ embedded base synthesized with vLLM (CPU)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA_OVERRIDES, ROOT, SHORT_TRAINING, clean_env, run_job_here
+from conftest import DATA_OVERRIDES, SHORT_TRAINING, head_processes, job_running, kill_submitted_job, submit_job
 from draftsmith import tracking
 from draftsmith.export.manifest import read_manifest
 from draftsmith.pipeline.runner import run_pipeline
@@ -69,22 +64,6 @@ def test_eagle3_learns_and_only_the_draft_changes(flow):
     assert before["eagle_module.d2t"].any()  # and it is a real mapping (256 of 865 tokens)
 
 
-def test_medusa_trains_under_zero3_and_its_export_is_accepted(training_root):
-    """Medusa under ZeRO-3 (EAGLE-1 under ZeRO-3 is the kill-and-resume drill below: one Ray Train run less)."""
-    medusa = ["draft.algorithm=medusa", "training.zero_stage=3", "training.steps=30", "training.eval_every=30",
-              "training.checkpoint_every=30"]
-    results = _train(training_root, *medusa)
-    run_id = results["train"].mlflow_run_id
-    val_acc, val_loss = _history(run_id, "val/acc_step1"), _history(run_id, "val/loss")
-    assert val_loss[-1] < val_loss[0] and val_acc[-1] > val_acc[0] + 0.05, (val_loss, val_acc)
-    assert len(_history(run_id, "val/acc_step3")) == 2  # each of the three heads reports an accuracy
-    assert results["train"].outputs.steps == 30
-    # Its heads, exported in vLLM's Medusa layout, run in vLLM (CPU) and get accepted.
-    exported = _train(training_root, *medusa, "quantization.format=none", "export.verify_prompts=4", until="export")
-    verification = exported["export"].outputs.verification
-    assert verification.identical and verification.num_accepted_tokens > 0, verification
-
-
 def test_dflash_trains_and_its_export_round_trips_in_vllm(training_root):
     """DFlash, the algorithm the seam was proven with: Ray Train + DeepSpeed train it, its export passes the
     DFlash tensor checks and runs in vLLM's CPU build (method dflash) with greedy output unchanged."""
@@ -112,33 +91,25 @@ def _latest(stage_dirs) -> dict | None:
     return json.loads((found[0] / "progress.json").read_text()) if found else None
 
 
-def _is_train_worker(proc: psutil.Process) -> bool:
-    try:
-        return any("RayTrainWorker" in part for part in proc.cmdline())
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _wait_for(condition, timeout_s: float, proc: subprocess.Popen, what: str) -> None:
+def _wait_for(condition, timeout_s: float, what: str, alive=lambda: True) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if condition():
             return
-        assert proc.poll() is None, f"the job exited ({proc.returncode}) before {what}"
+        assert alive(), f"the job ended before {what}"
         time.sleep(0.5)
     raise TimeoutError(what)
 
 
-def test_killed_worker_and_killed_job_resume_without_losing_steps(training_root, local_ray, tmp_path):
-    """An EAGLE-1 draft under ZeRO-3 (partitioned optimizer and parameters: the hardest state to resume) loses a
-    worker, then its whole job, and the re-run finishes it: every step once, and it learned."""
-    # Both jobs join the session's Ray, as jobs submitted to one cluster do: the killed job's actors die with it.
-    overrides = [*DATA_OVERRIDES, f"output_dir={training_root}", *SHORT_TRAINING, "draft.algorithm=eagle1",
-                 "draft.eagle.draft_vocab_size=null",  # vLLM's EAGLE-1 has no reduced vocabulary
-                 "training.zero_stage=3", "training.steps=40",
-                 "training.checkpoint_every=10", "training.eval_every=40", "training.max_failures=2",
-                 "training.keep_checkpoints=3", "training.seed=7", f"ray.address={local_ray}"]
-    cmd = [sys.executable, "-m", "jobs.train", "--recipe", "tiny-eagle3", *[a for o in overrides for a in ("--set", o)]]
+def test_killed_worker_and_killed_job_resume_without_losing_steps(training_root, head_node, tmp_path):
+    """A Medusa draft under ZeRO-3 (partitioned optimizer and parameters: the hardest state to resume), trained
+    by a job submitted with `ray job submit`, loses a worker, then the whole job is killed; the job submitted again
+    finishes it: every step once, and it learned. Its heads, exported in vLLM's Medusa layout, run in vLLM (CPU) and
+    get accepted. (EAGLE-3 trains in the flow, DFlash below; EAGLE-1's training step is test_draft_convert's.)"""
+    drill = ["draft.algorithm=medusa", "training.zero_stage=3", "training.steps=40", "training.checkpoint_every=10",
+             "training.eval_every=40", "training.max_failures=2", "training.keep_checkpoints=3", "training.seed=7"]
+    overrides = [*DATA_OVERRIDES, f"output_dir={training_root}", *SHORT_TRAINING, *drill]
+    args = ["--recipe", "tiny-eagle3", *[a for o in overrides for a in ("--set", o)]]
     earlier = set(training_root.glob("tiny-eagle3/train-*"))
 
     def stage_dirs() -> list[Path]:  # this test's train stage folder (other tests trained with other settings)
@@ -152,30 +123,27 @@ def test_killed_worker_and_killed_job_resume_without_losing_steps(training_root,
         run_pipeline(recipe, pipeline_stages("train"))
 
     started = time.time()
-    job = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), start_new_session=True, stdout=subprocess.DEVNULL,
-                           stderr=open(tmp_path / "first.log", "w"))
+    job = f"training-drill-{time.time_ns()}"
+    submitted = submit_job(head_node, "jobs.train", *args, wait=False, submission_id=job)
+    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+    alive = lambda: job_running(head_node, job)  # noqa: E731
     try:
-        _wait_for(lambda: _latest(stage_dirs), 600, job, "the first committed checkpoint")
-        # This job's workers: the session Ray's RayTrainWorker processes started since the job was (earlier
-        # tests' trainings have ended, and their workers with them).
-        workers = [p for p in psutil.Process().children(recursive=True)
-                   if _is_train_worker(p) and p.create_time() >= started]
+        _wait_for(lambda: _latest(stage_dirs), 600, "the first committed checkpoint", alive)
+        workers = head_processes(head_node, "RayTrainWorker", since=started)
         assert workers, "no Ray Train worker process found"
         workers[-1].kill()  # a worker dies mid-run: Ray Train restarts the group from the last checkpoint
-        _wait_for(lambda: (_latest(stage_dirs) or {}).get("resumed_from"), 600, job,
-                  "a checkpoint written after the restart")
-        os.killpg(job.pid, signal.SIGKILL)  # then the whole job is killed
-        job.wait()
+        _wait_for(lambda: (_latest(stage_dirs) or {}).get("resumed_from"), 600,
+                  "a checkpoint written after the restart", alive)
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+        kill_submitted_job(head_node, "jobs.train")  # then the whole job is killed
+    _wait_for(lambda: not head_processes(head_node, "RayTrainWorker", since=started), 120,
+              "the killed job's workers to go")
     last = _latest(stage_dirs)["step"]
     assert last < 40
 
-    # The re-run, `--resume`, in this process: the same job `__main__` joining the same Ray, without a fresh
-    # interpreter's imports (the killed job above is the one that had to be a process of its own).
-    again = run_job_here(*cmd[2:], "--resume")
-    assert again.returncode == 0, again.stderr[-3000:]
+    # Submitted again, with `--resume`: it continues and ends as a job that succeeded.
+    again = submit_job(head_node, "jobs.train", *args, "--resume")
+    assert again.returncode == 0 and "succeeded" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
     (stage_dir,) = stage_dirs()
     summary = json.loads((stage_dir / "training_summary.json").read_text())
     assert summary["steps"] == 40
@@ -188,4 +156,9 @@ def test_killed_worker_and_killed_job_resume_without_losing_steps(training_root,
     before, after = summary["initial_metrics"], summary["metrics"]
     assert after["val/loss"] < before["val/loss"] and after["val/acc_step1"] > before["val/acc_step1"] + 0.05, \
         (before, after)
-    assert summary["algorithm"] == "eagle1" and {"val/acc_step3", "train/acc_step3"} <= after.keys()  # 3 TTT steps
+    assert summary["algorithm"] == "medusa" and {"val/acc_step3", "train/acc_step3"} <= after.keys()  # 3 heads
+
+    exported = _train(training_root, *drill, "quantization.format=none", "export.verify_prompts=4", until="export")
+    assert exported["train"].directory == stage_dir  # the trained draft above, not a new training
+    verification = exported["export"].outputs.verification
+    assert verification.identical and verification.num_accepted_tokens > 0, verification

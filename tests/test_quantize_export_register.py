@@ -83,6 +83,7 @@ def test_registered_version_has_lineage_and_its_pyfunc_generates(flow, mlflow_se
     proc = subprocess.run([sys.executable, "-c", script], cwd="/", capture_output=True, text=True, timeout=600,
                           env=clean_env(MLFLOW_TRACKING_URI=mlflow_server))
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "were ignored" not in proc.stderr  # every key of the load-time model_config took effect
     texts = json.loads(proc.stdout.split("RESULT", 1)[1].splitlines()[0])
     assert len(texts) == 2 and all(isinstance(t, str) and t.strip() for t in texts), texts
 

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from openai_test_server import OpenAITestServer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, TINY_BASE_OVERRIDES, clean_env, run_job_here
+from conftest import TINY_BASE_OVERRIDES, job_running, kill_submitted_job, run_job_here, submit_job
 from draftsmith.embedded.build import heldout_conversations
 from draftsmith.embedded.exact_match import TurnPrompt, greedy_answers
 from draftsmith.recipe.loader import load_recipe
@@ -89,33 +85,33 @@ def test_openai_engine_regenerates_turn_by_turn_and_quarantines(tiny_base, local
         server.close()
 
 
-def test_vllm_synthesis_resumes_after_a_kill_without_duplicates_or_losses(tiny_base, local_ray, tmp_path):
+def test_vllm_synthesis_resumes_after_a_kill_without_duplicates_or_losses(tiny_base, head_node, local_ray, tmp_path):
+    """A synthesis job submitted with `ray job submit` is killed once its first shard is written; the re-run (in
+    this process, joining the session's Ray) keeps that shard and writes every other conversation once."""
     conversations = _two_turn_prompts(tiny_base, 12)
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in conversations))
     out_root = tmp_path / "runs"
-    # Both jobs join the session's Ray, as jobs submitted to one cluster do; the killed one's actors die with it.
     overrides = [*TINY_BASE_OVERRIDES, f"output_dir={out_root}", f"data.sources=[{{path: {data}}}]",
-                 f"ray.address={local_ray}",
                  "synthesis.shard_size=2", "synthesis.batch_size=2", "synthesis.sampling.max_tokens_per_turn=24"]
-    cmd = [sys.executable, "-m", "jobs.synthesize", "--recipe", "tiny-eagle3",
-           *[a for o in overrides for a in ("--set", o)]]
+    args = ["--recipe", "tiny-eagle3", *[a for o in overrides for a in ("--set", o)]]
 
-    first = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.log", "w"))
+    job = f"synthesis-drill-{time.time_ns()}"
+    submitted = submit_job(head_node, "jobs.synthesize", *args, wait=False, submission_id=job)
+    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
     deadline = time.time() + 600
-    while time.time() < deadline and first.poll() is None:
-        written = list(out_root.glob("tiny-eagle3/synthesize-*/state/round-00/shard-*.jsonl"))
-        if written:
-            break
-        time.sleep(0.2)
-    assert first.poll() is None, "synthesis finished or died before it could be killed"
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    try:
+        while time.time() < deadline:
+            if list(out_root.glob("tiny-eagle3/synthesize-*/state/round-00/shard-*.jsonl")):
+                break
+            assert job_running(head_node, job), "synthesis finished or died before it was killed"
+            time.sleep(0.2)
+    finally:
+        assert kill_submitted_job(head_node, "jobs.synthesize") == 1, "synthesis finished before it was killed"
     kept = {p: p.stat().st_mtime_ns for p in out_root.glob("tiny-eagle3/synthesize-*/state/round-00/*.jsonl")}
     assert kept
 
-    second = run_job_here(*cmd[2:])  # the re-run in this process: the same job `__main__`, joining the same Ray
+    second = run_job_here("jobs.synthesize", *args)  # the same job `__main__`, in this process
     assert second.returncode == 0, second.stderr[-3000:]
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished work was not redone
 

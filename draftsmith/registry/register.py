@@ -81,9 +81,11 @@ def register_export(*, name: str, export_dir: Path, base_dir: Path, recipe_file:
             name="model", python_model=str(PYFUNC_FILE),
             artifacts={"export": str(export_dir), "recipe": str(recipe_file),
                        **({"base": str(base_dir)} if bundle_base else {})},
-            # Every key a loader may override must be here (MLflow ignores unknown ones): compiled by default.
+            # Every key a loader may override must be here (MLflow ignores unknown ones with a warning): compiled,
+            # the engine core in a process of its own, the dtype vLLM picks, by default.
             model_config={"num_speculative_tokens": num_speculative_tokens, "base_model": str(base_dir),
-                          "enforce_eager": False, "draftsmith_version": installed_version()},
+                          "enforce_eager": False, "in_process": False, "dtype": "auto",
+                          "draftsmith_version": installed_version()},
             signature=SIGNATURE,
             pip_requirements=["mlflow", "vllm", "torch", "transformers", "safetensors", "pyyaml", "pydantic"],
         )
