@@ -7,13 +7,19 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM := false
 RECIPE ?= tiny-eagle3
 
-.PHONY: setup demo test test-fast bench gpu-check gpu-check-prepare clean
+.PHONY: setup demo demo-stop test test-fast bench gpu-check gpu-check-prepare clean
 
 setup:
 	@bash platform/install.sh
 
+# The pipeline, then the champion served on a local Ray head node and asked one question; the endpoint keeps
+# running until `make demo-stop` (`ray stop`: every Ray on this machine).
 demo: setup
 	$(PY) -m jobs.pipeline --recipe $(RECIPE)
+	.venv/bin/draftsmith serve --recipe $(RECIPE)
+
+demo-stop:
+	.venv/bin/ray stop
 
 test: setup
 	$(PY) -m pytest -q

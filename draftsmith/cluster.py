@@ -107,6 +107,8 @@ def connect(settings: RaySettings) -> None:
     # per training run. Set here, before the cluster starts: its actors and the jobs that join it inherit them.
     for key in LOCAL_TRAIN_ENV:
         os.environ.setdefault(key, "0")
+    # Without a dashboard there is no State API: a warning Ray Train repeats each second about it stays out of logs.
+    runtime_env["worker_process_setup_hook"] = "draftsmith.progress.quiet_local_workers"
     # address="local": always a fresh cluster, never a stale one recorded by an earlier `ray start`.
     ray.init(address="local", num_cpus=settings.num_cpus, runtime_env=runtime_env, include_dashboard=False,
              log_to_driver=True)

@@ -54,3 +54,28 @@ def worker_env() -> dict[str, str]:
     """What `configure` set in this process, for the runtime env of the Ray workers it starts. Only keys set here,
     never ones inherited from a `ray job submit` runtime env (Ray refuses a driver that sets those again)."""
     return dict(_set_here)
+
+
+# Ray Train's placement-group cleaner asks the State API whether the training controller lives, every second,
+# and warns each time the answer cannot come: a local Ray started without its dashboard has no State API, so a
+# training run logged the same line hundreds of times (232 of the demo's 732 log lines). There, the cluster ends
+# with the job that started it, so no placement group can outlive its controller and the warning says nothing.
+_UNANSWERABLE = {"ray.train.v2._internal.execution.controller.placement_group_cleaner":
+                 "Failed to query Ray Train Controller actor state"}
+
+
+class _DropMessage:
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_local_workers() -> None:
+    """`worker_process_setup_hook` of draftsmith's own local Ray (cluster.py): drop the warnings above, and only
+    those, in every worker process."""
+    import logging
+
+    for name, prefix in _UNANSWERABLE.items():
+        logging.getLogger(name).addFilter(_DropMessage(prefix))

@@ -351,3 +351,47 @@ def test_a_bar_in_a_log_redraws_once_per_interval():
         assert result.returncode == 0, result.stderr
         redraws[mode] = result.stderr.count("it/s]")
     assert redraws["default"] >= 10 and redraws["log"] <= 3, redraws
+
+
+def test_local_workers_drop_only_the_unanswerable_state_api_warning(monkeypatch):
+    """Draftsmith's local Ray (no dashboard, so no State API) runs `quiet_local_workers` in each worker: Ray Train's
+    once-a-second warning that the State API cannot answer is dropped there, and nothing else is."""
+    import logging
+
+    import ray
+
+    from draftsmith import cluster
+    from draftsmith.cluster import LOCAL_TRAIN_ENV
+    from draftsmith.recipe.schema import RaySettings
+
+    class Kept(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    logger = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+    kept, saved = Kept(), list(logger.filters)
+    logger.addHandler(kept)
+    try:
+        progress.quiet_local_workers()
+        logger.warning("Failed to query Ray Train Controller actor state. State API may be temporarily "
+                       "unavailable. Continuing to monitor.")
+        logger.warning("Failed to remove placement group")
+    finally:
+        logger.removeHandler(kept)
+        logger.filters[:] = saved
+    assert kept.messages == ["Failed to remove placement group"]
+
+    # ... and the local cluster hands the hook to its workers by its import path (a worker imports it there).
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for key in LOCAL_TRAIN_ENV:  # connect sets them for the cluster it starts; put back after the test
+        monkeypatch.setenv(key, "0")
+    cluster.connect(RaySettings(num_cpus=8))
+    module, _, function = seen["runtime_env"]["worker_process_setup_hook"].rpartition(".")
+    assert getattr(__import__(module, fromlist=[function]), function) is progress.quiet_local_workers

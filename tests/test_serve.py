@@ -352,3 +352,33 @@ def test_redeploy_moves_the_endpoint_to_a_new_champion_without_failed_requests(e
         assert client(url, None).post("/v1/chat/completions", json=chat_body(QUESTIONS[1])).status_code == 200
     finally:
         registry.set_registered_model_alias(MODEL, "champion", old_version)
+
+
+def test_draftsmith_serve_reuses_the_head_node_and_asks_one_question(endpoint, tiny_base, tmp_path):
+    """`draftsmith serve` (the end of `make demo`): a head node that answers is used, not started again; its one
+    question goes through the OpenAI client, with the base's reference answer beside it and the acceptance length
+    the endpoint measured."""
+    import io
+
+    from draftsmith.commands.serve import Question, ask, default_question, ensure_head_node
+    from draftsmith.embedded.build import heldout_conversations
+    from draftsmith.pipeline.summary import SUMMARY_JSON
+    from draftsmith.recipe.loader import load_recipe
+
+    url, head = endpoint[0], endpoint[1]
+    assert ensure_head_node(head.dashboard) is False
+    # The default question: the first held-out turn of the base the last pipeline run used (its summary names it).
+    recipe = load_recipe("tiny-eagle3", [f"output_dir={tmp_path}"])
+    assert default_question(recipe).reference is None  # no run yet: a general question
+    recipe.run_dir().mkdir(parents=True)
+    (recipe.run_dir() / SUMMARY_JSON).write_text(json.dumps({"base": {"outputs": {"model_dir": str(tiny_base)}}}))
+    question = default_question(recipe)
+    first = next(r["messages"] for r in heldout_conversations(tiny_base) if r["messages"][0]["role"] == "user")
+    assert question == Question(first[0]["content"], first[1]["content"])
+
+    out = io.StringIO()
+    answer = ask(url, question, 24, out, api_key=KEY)
+    printed = out.getvalue()
+    assert answer.strip() and f"answered   {answer.strip()}" in printed
+    assert "(exact match)" in printed or "(differs)" in printed
+    assert float(printed.split("acceptance ")[1].split()[0]) >= 1.0  # tokens per verification step

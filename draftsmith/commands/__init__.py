@@ -19,6 +19,7 @@ STAGE_COMMANDS = {name: f"jobs.{name}" for name in (
 RUN_COMMANDS = {
     "status": "draftsmith.commands.status",
     "deploy": "jobs.deploy",
+    "serve": "draftsmith.commands.serve",
     "chat": "draftsmith.commands.chat",
     "ui": "draftsmith.commands.ui",
 }
@@ -28,6 +29,7 @@ EXAMPLE = """examples:
   draftsmith pipeline --recipe tiny-eagle3          # every stage on the embedded default (finished ones skipped)
   draftsmith status --recipe tiny-eagle3            # what has run, its figures and folders, the registry
   draftsmith deploy --recipe tiny-eagle3            # serve the champion on a running Ray (ray start --head)
+  draftsmith serve --recipe tiny-eagle3             # ... on this machine (a head node if none), and ask it once
   draftsmith chat                                   # talk to the served endpoint"""
 
 
