@@ -395,3 +395,10 @@ def test_local_workers_drop_only_the_unanswerable_state_api_warning(monkeypatch)
     cluster.connect(RaySettings(num_cpus=8))
     module, _, function = seen["runtime_env"]["worker_process_setup_hook"].rpartition(".")
     assert getattr(__import__(module, fromlist=[function]), function) is progress.quiet_local_workers
+
+
+def test_serve_leaves_out_the_acceptance_of_an_endpoint_whose_metrics_do_not_answer():
+    """The answer is in by then: a /metrics that cannot be read leaves the figure out, not a traceback."""
+    from draftsmith.commands.serve import acceptance_length
+
+    assert acceptance_length(f"http://127.0.0.1:{free_port()}", timeout_s=5) is None

@@ -107,8 +107,12 @@ def acceptance_length(url: str, timeout_s: float = 20) -> float | None:
     """The endpoint's acceptance length (mean tokens per verification step), once its engines have reported."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-            lines = [line for line in response.read().decode().splitlines() if line.startswith(ACCEPTANCE_METRIC)]
+        try:
+            with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+                text = response.read().decode()
+        except OSError:  # the answer is in; an unreadable /metrics only leaves the figure out
+            return None
+        lines = [line for line in text.splitlines() if line.startswith(ACCEPTANCE_METRIC)]
         if lines:
             return float(lines[0].rsplit(" ", 1)[1])
         time.sleep(1)  # engines report every 2 s
@@ -135,7 +139,7 @@ def ask(url: str, question: Question, max_tokens: int, out: TextIO, api_key: str
         out.write(f"  reference  {question.reference.strip()}  ({verdict})\n")
     length = acceptance_length(url)
     out.write(f"  acceptance {length:.2f} tokens per verification step\n" if length is not None else
-              "  acceptance not reported yet (see /metrics)\n")
+              f"  acceptance not reported (see {url}/metrics)\n")
     return answer
 
 
