@@ -9,8 +9,10 @@ RECIPE ?= tiny-eagle3
 
 .PHONY: setup demo demo-stop test test-fast bench gpu-check gpu-check-prepare clean
 
+# The project's own modules get their bytecode here too (install.sh writes the environment's; see there why).
 setup:
 	@bash platform/install.sh
+	@$(PY) -m compileall -qq draftsmith jobs serve kernels
 
 # The pipeline, then the champion served on a local Ray head node and asked one question; the endpoint keeps
 # running until `make demo-stop` (`ray stop`: every Ray on this machine).
