@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -21,6 +22,7 @@ from draftsmith.recipe.schema import TrackingSettings
 log = logging.getLogger(__name__)
 
 MAX_PARAM_CHARS = 500
+RUN_FILE = "_MLFLOW_RUN.json"  # in a stage's folder: the MLflow run of its latest attempt
 
 
 class TrackingError(RuntimeError):
@@ -96,14 +98,75 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def unreachable_server() -> str | None:
+    """The tracking server's URI when it does not answer now (None for a reachable one, or a local database)."""
+    uri = current_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        check_reachable(uri)
+    except TrackingError:
+        return uri
+    return None
+
+
+def unfinished_run(folder: Path, key: str | None = None) -> str | None:
+    """The run an earlier, unfinished attempt at `folder`'s work (the same `key`) left on this tracking backend
+    (crashed, killed, or cut off from the server): its id, so that a re-run continues it instead of adding a run."""
+    try:
+        record = json.loads((folder / RUN_FILE).read_text())
+        if record["tracking_uri"] != current_uri() or record.get("key") != key:
+            return None
+        run = MlflowClient().get_run(record["run_id"])
+    except (OSError, ValueError, KeyError, TypeError, mlflow.exceptions.MlflowException):
+        return None
+    return None if run.info.status == "FINISHED" else run.info.run_id
+
+
+def finish_unfinished_run(folder: Path) -> None:
+    """End the run of finished work whose run was left unfinished (its work completed while the server was away)."""
+    run_id = unfinished_run(folder)
+    if run_id is not None:
+        MlflowClient().set_terminated(run_id, "FINISHED")
+
+
+def _remember_run(folder: Path, run_id: str, key: str | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": current_uri(), "key": key}))
+    tmp.replace(folder / RUN_FILE)
+
+
 @contextlib.contextmanager
 def start_run(
-    name: str, *, nested: bool = False, tags: Mapping[str, str] | None = None, run_id: str | None = None
+    name: str, *, nested: bool = False, tags: Mapping[str, str] | None = None, run_id: str | None = None,
+    folder: Path | None = None, key: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run tagged with provenance; nested runs sit under the active (pipeline) run."""
+    """An MLflow run tagged with provenance; nested runs sit under the active (pipeline) run.
+
+    With `folder` (a stage's, or the recipe's run folder for the pipeline with the recipe's hash as `key`), the
+    run's id is kept there and a later attempt at the same work continues an unfinished run: after a crash, a kill or a tracking server outage, MLflow
+    holds one run per stage, not one per attempt. A run whose work fails while the server does not answer is left
+    RUNNING (ending it would only wait out MLflow's retries again) for the re-run to continue."""
     all_tags = {**provenance_tags(), **(tags or {})}
-    with mlflow.start_run(run_name=name, nested=nested, tags=all_tags, run_id=run_id) as run:
+    if folder is not None and run_id is None:
+        run_id = unfinished_run(folder, key)
+        if run_id is not None:
+            log.info("continuing MLflow run %s (%s) left unfinished by an earlier attempt", run_id, name)
+    run = mlflow.start_run(run_name=name, nested=nested, tags=all_tags, run_id=run_id)
+    try:
+        if folder is not None:
+            _remember_run(folder, run.info.run_id, key)
         yield run
+    except BaseException as exc:
+        if unreachable_server() is None:
+            mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        elif mlflow.active_run() is not None and mlflow.active_run().info.run_id == run.info.run_id:
+            # MLflow has no call that forgets the active run without telling the server; its stack is the only
+            # record of it in this process (a job run in-process again would otherwise find it still active).
+            mlflow.tracking.fluent._active_run_stack.get().pop()
+        raise
+    mlflow.end_run()
 
 
 def log_params(params: Mapping[str, Any], prefix: str = "") -> None:

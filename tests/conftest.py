@@ -141,8 +141,9 @@ def run_job_here(module: str, *args: str) -> JobResult:
     sys.argv = [module, *args]
     # The job starts as a fresh process would: no MLflow URI an earlier test set (in MLflow's globals, or exported
     # to the environment, where a job's own tracking resolution would find it and log there instead).
+    job_env = clean_env()
     os.environ.clear()
-    os.environ.update(clean_env())
+    os.environ.update(job_env)
     tracking_utils._tracking_uri, registry_utils._registry_uri = None, None
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -282,15 +283,19 @@ def start_mlflow_server(root: Path) -> None:
     if _MLFLOW_SERVER:
         return
     port = free_port()
-    proc = subprocess.Popen(
+    _MLFLOW_SERVER.update(proc=mlflow_server_process(root, port), uri=f"http://127.0.0.1:{port}")
+
+
+def mlflow_server_process(root: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:`port` with its database and artifacts under `root` (not waited for)."""
+    return subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
          str(root / "artifacts"), "--workers", "1"],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+        stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT,
         # MLflow's job runner (six processes for its GenAI jobs) has nothing to do here.
-        env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), start_new_session=True,
     )
-    _MLFLOW_SERVER.update(proc=proc, uri=f"http://127.0.0.1:{port}")
 
 
 def pytest_sessionfinish(session, exitstatus):

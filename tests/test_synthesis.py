@@ -122,11 +122,12 @@ def test_vllm_synthesis_resumes_after_a_kill_without_duplicates_or_losses(tiny_b
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert (manifest["read"], manifest["written"], manifest["quarantined"]) == (12, 12, 0)
 
-    # The stage's MLflow run carries the counts and a sample of conversations.
+    # One MLflow run for the stage (the killed attempt's, continued and finished), with the counts and a sample.
     client = MlflowClient(f"sqlite:///{out_root.resolve() / 'mlflow.db'}")
     runs = client.search_runs(client.get_experiment_by_name("draftsmith").experiment_id,
                               "tags.`draftsmith.stage` = 'synthesize'")
-    assert runs and runs[0].data.metrics["written"] == 12 and runs[0].data.metrics["quarantined"] == 0
+    assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_id, r.info.status) for r in runs]
+    assert runs[0].data.metrics["written"] == 12 and runs[0].data.metrics["quarantined"] == 0
     assert "sample_conversations.json" in [a.path for a in client.list_artifacts(runs[0].info.run_id)]
 
     # Each turn is the base's own greedy answer to the regenerated history before it: transformers, run on those

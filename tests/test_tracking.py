@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -72,3 +76,57 @@ def test_unreachable_server_fails_fast_with_a_fix(tmp_path):
 
     with pytest.raises(tracking.TrackingError, match="unreachable.*mlflow server"):
         tracking.configure(TrackingSettings(uri=f"http://127.0.0.1:{free_port()}"), tmp_path)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker
+    server.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_server_stopped_during_a_stage_fails_in_one_line_and_the_rerun_continues_its_runs(tiny_base, tmp_path,
+                                                                                         monkeypatch):
+    """Issue 18's drill: the MLflow server goes away while a stage runs and stays away past MLflow's retries. The
+    job exits 2 with one line naming the stage and the fix; with the server started again, the same command
+    completes, and MLflow holds each run once (the interrupted ones continued, not doubled), all finished."""
+    from conftest import TINY_BASE_OVERRIDES, free_port, mlflow_server_process, run_job_here, wait_http
+    from draftsmith.stages.prompts import PromptsStage
+
+    store, port = tmp_path / "mlflow", free_port()
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    args = ["--recipe", "tiny-eagle3", "--until", "prompts", "--set", f"output_dir={tmp_path / 'runs'}",
+            "--set", f"tracking.uri={uri}", *[a for o in TINY_BASE_OVERRIDES for a in ("--set", o)]]
+    # MLflow's client retries a failed call for about 4 minutes by default; here one retry, so the outage outlasts it.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    server = mlflow_server_process(store, port)
+    try:
+        wait_http(f"{uri}/health", 120, server)
+        run_prompts = PromptsStage.run
+
+        def run_during_an_outage(self, ctx, out_dir):
+            _stop(server)
+            return run_prompts(self, ctx, out_dir)
+
+        monkeypatch.setattr(PromptsStage, "run", run_during_an_outage)
+        failed = run_job_here("jobs.pipeline", *args)
+        assert failed.returncode == 2, failed.stderr[-3000:]
+        assert "Traceback" not in failed.stderr, failed.stderr[-3000:]
+        (line,) = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+        assert line.startswith(f"error: stage prompts: the MLflow tracking server {uri} stopped answering; start "
+                               "it again and re-run the same command"), line
+
+        monkeypatch.setattr(PromptsStage, "run", run_prompts)
+        server = mlflow_server_process(store, port)
+        wait_http(f"{uri}/health", 120, server)
+        again = run_job_here("jobs.pipeline", *args)
+        assert again.returncode == 0, again.stderr[-3000:]
+        client = MlflowClient(uri)
+        runs = client.search_runs(client.get_experiment_by_name("draftsmith").experiment_id)
+        assert sorted((r.info.run_name, r.info.status) for r in runs) == [
+            ("base", "FINISHED"), ("pipeline:tiny-eagle3", "FINISHED"), ("prompts", "FINISHED")], runs
+        prompts_run = next(r for r in runs if r.info.run_name == "prompts")
+        assert prompts_run.data.metrics["prompts"] > 0  # logged by the attempt that finished
+    finally:
+        if server.poll() is None:
+            _stop(server)

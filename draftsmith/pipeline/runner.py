@@ -32,6 +32,7 @@ def run_stage(stage: Stage, recipe: Recipe, upstream: dict[str, StageResult],
         done = None
     if done is not None:
         log.info("stage %s: done already (%s), skipping", stage.name, out_dir)
+        tracking.finish_unfinished_run(out_dir)  # the work finished, but the server went away before its run did
         return StageResult(stage.name, fingerprint, out_dir, done.artifact, skipped=True,
                            mlflow_run_id=done.mlflow_run_id)
     if before_run is not None:
@@ -41,7 +42,7 @@ def run_stage(stage: Stage, recipe: Recipe, upstream: dict[str, StageResult],
     tags = {"draftsmith.stage": stage.name, "draftsmith.fingerprint": fingerprint}
     tags.update({f"draftsmith.input.{d}": upstream[d].fingerprint for d in (*stage.depends_on, *stage.optional_inputs)
                  if d in upstream})
-    with tracking.start_run(stage.name, nested=True, tags=tags) as run:
+    with tracking.start_run(stage.name, nested=True, tags=tags, folder=out_dir) as run:
         tracking.log_params(as_jsonable(stage.settings(recipe)))
         ctx = StageContext(recipe=recipe, upstream=upstream, mlflow_run_id=run.info.run_id)
         artifact = stage.run(ctx, out_dir)
@@ -55,15 +56,28 @@ def run_pipeline(recipe: Recipe, stages: list[Stage], before_run: Callable[[Stag
     called before each stage that is not skipped."""
     results: dict[str, StageResult] = {}
     recipe_hash = settings_hash(recipe)
-    with tracking.start_run(f"pipeline:{recipe.name}", tags={"draftsmith.recipe": recipe.name,
-                                                             "draftsmith.recipe_hash": recipe_hash}):
-        tracking.log_dict(recipe.model_dump(mode="json"), "recipe.json")
-        for stage in stages:
-            if not stage.enabled(recipe):
-                log.info("stage %s: not used by this recipe", stage.name)
-                continue
-            result = run_stage(stage, recipe, results, before_run)
-            results[stage.name] = result
-            tracking.set_tags({f"draftsmith.stage.{stage.name}": "skipped" if result.skipped else "ran",
-                               f"draftsmith.stage.{stage.name}.dir": str(result.directory)})
+    current = "pipeline"
+    try:
+        with tracking.start_run(f"pipeline:{recipe.name}", tags={"draftsmith.recipe": recipe.name,
+                                                                 "draftsmith.recipe_hash": recipe_hash},
+                                folder=recipe.run_dir(), key=recipe_hash):
+            tracking.log_dict(recipe.model_dump(mode="json"), "recipe.json")
+            for stage in stages:
+                if not stage.enabled(recipe):
+                    log.info("stage %s: not used by this recipe", stage.name)
+                    continue
+                current = f"stage {stage.name}"
+                result = run_stage(stage, recipe, results, before_run)
+                results[stage.name] = result
+                tracking.set_tags({f"draftsmith.stage.{stage.name}": "skipped" if result.skipped else "ran",
+                                   f"draftsmith.stage.{stage.name}.dir": str(result.directory)})
+    except Exception as exc:
+        # MLflow's client retries each call (MLFLOW_HTTP_REQUEST_MAX_RETRIES: about 4 minutes by default), so a
+        # server back within that window costs nothing; one that stays away fails the job, said in one line.
+        server = None if isinstance(exc, tracking.TrackingError) else tracking.unreachable_server()
+        if server is not None:
+            raise tracking.TrackingError(
+                f"{current}: the MLflow tracking server {server} stopped answering; start it again and re-run the "
+                "same command (finished stages are skipped; the unfinished ones continue their MLflow runs)") from exc
+        raise
     return results
