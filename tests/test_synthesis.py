@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from openai_test_server import OpenAITestServer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TINY_BASE_OVERRIDES, job_running, kill_submitted_job, run_job_here, submit_job
+from conftest import TINY_BASE_OVERRIDES, job_running, kill_submitted_job, submit_job
 from draftsmith.embedded.build import heldout_conversations
 from draftsmith.embedded.exact_match import TurnPrompt, greedy_answers
 from draftsmith.recipe.loader import load_recipe
@@ -85,9 +85,9 @@ def test_openai_engine_regenerates_turn_by_turn_and_quarantines(tiny_base, local
         server.close()
 
 
-def test_vllm_synthesis_resumes_after_a_kill_without_duplicates_or_losses(tiny_base, head_node, local_ray, tmp_path):
-    """A synthesis job submitted with `ray job submit` is killed once its first shard is written; the re-run (in
-    this process, joining the session's Ray) keeps that shard and writes every other conversation once."""
+def test_vllm_synthesis_resumes_after_a_kill_without_duplicates_or_losses(tiny_base, head_node, tmp_path):
+    """A synthesis job submitted with `ray job submit` is killed once its first shard is written; the same job
+    submitted again keeps that shard and writes every other conversation once."""
     conversations = _two_turn_prompts(tiny_base, 12)
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in conversations))
@@ -111,8 +111,8 @@ def test_vllm_synthesis_resumes_after_a_kill_without_duplicates_or_losses(tiny_b
     kept = {p: p.stat().st_mtime_ns for p in out_root.glob("tiny-eagle3/synthesize-*/state/round-00/*.jsonl")}
     assert kept
 
-    second = run_job_here("jobs.synthesize", *args)  # the same job `__main__`, in this process
-    assert second.returncode == 0, second.stderr[-3000:]
+    second = submit_job(head_node, "jobs.synthesize", *args)
+    assert second.returncode == 0 and "succeeded" in second.stdout, second.stdout[-3000:] + second.stderr[-3000:]
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished work was not redone
 
     out_dir = next(out_root.glob("tiny-eagle3/synthesize-*"))
