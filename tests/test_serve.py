@@ -290,28 +290,54 @@ def _engine_cores(head) -> list[psutil.Process]:
     return found
 
 
-def test_a_dead_engine_is_replaced_and_the_endpoint_keeps_answering(endpoint):
+def test_a_dead_engine_or_replica_is_replaced_and_the_endpoint_keeps_answering(endpoint):
+    """Under steady load: one replica's vLLM engine process is killed, and once Serve has replaced that replica,
+    the other replica's whole process (engine core and all). Every request is answered, each replacement serves,
+    and the killed replica's engine core does not outlive it."""
     url, head = endpoint[0], endpoint[1]
     cores = _engine_cores(head)
     assert len(cores) == 2, cores  # one per engine replica
     traffic = Traffic(url, KEY)
     traffic.start()
-    time.sleep(2)
-    killed = cores[0].pid
-    cores[0].send_signal(signal.SIGKILL)
+    try:
+        time.sleep(2)
+        gone = {cores[0].pid}
+        cores[0].send_signal(signal.SIGKILL)  # the engine dies; its replica fails its health check
+        _wait_for_two_new_cores(head, gone)
 
-    def replaced() -> bool:  # Serve restarts the replica: two live cores again, the killed one not among them
-        pids = {p.pid for p in _engine_cores(head)}
-        return len(pids) == 2 and killed not in pids
-
-    deadline = time.time() + 400
-    while time.time() < deadline and not replaced():
-        time.sleep(1)
-    time.sleep(2)
-    traffic.stop.set()
-    traffic.join(timeout=300)
-    assert replaced(), _engine_cores(head)
+        survivor = next(c for c in _engine_cores(head) if c.pid == cores[1].pid)
+        replica = survivor.parent()
+        assert "ServeReplica" in " ".join(replica.cmdline()) + replica.name(), replica.cmdline()
+        gone.add(survivor.pid)
+        replica.send_signal(signal.SIGKILL)  # the whole replica dies; Serve's controller notices the actor gone
+        _wait_for_two_new_cores(head, gone)
+        deadline = time.time() + 60  # the orphaned engine core sees its replica go and exits
+        while time.time() < deadline and not _exited(survivor):
+            time.sleep(1)
+        assert _exited(survivor), f"the killed replica's engine core {survivor.pid} still runs"
+        time.sleep(2)
+    finally:
+        traffic.stop.set()
+        traffic.join(timeout=300)
     traffic.assert_all_answered()
+
+
+def _exited(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_for_two_new_cores(head, gone: set[int], timeout_s: float = 400) -> None:
+    """Until the cluster's Serve replicas run two live engine cores again, none of them one of `gone`."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        pids = {p.pid for p in _engine_cores(head)}
+        if len(pids) == 2 and not pids & gone:
+            return
+        time.sleep(1)
+    raise AssertionError(f"no replacement engine after {timeout_s} s: {_engine_cores(head)}")
 
 
 def test_redeploy_moves_the_endpoint_to_a_new_champion_without_failed_requests(endpoint, registered):
