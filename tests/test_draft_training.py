@@ -124,7 +124,7 @@ def test_killed_worker_and_killed_job_resume_without_losing_steps(training_root,
 
     started = time.time()
     job = f"training-drill-{time.time_ns()}"
-    submitted = submit_job(head_node, "jobs.train", *args, wait=False, submission_id=job)
+    submitted = submit_job(head_node, "jobs.pipeline", *args, "--until", "train", wait=False, submission_id=job)
     assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
     alive = lambda: job_running(head_node, job)  # noqa: E731
     try:
@@ -135,17 +135,22 @@ def test_killed_worker_and_killed_job_resume_without_losing_steps(training_root,
         _wait_for(lambda: (_latest(stage_dirs) or {}).get("resumed_from"), 600,
                   "a checkpoint written after the restart", alive)
     finally:
-        kill_submitted_job(head_node, "jobs.train")  # then the whole job is killed
+        kill_submitted_job(head_node, "jobs.pipeline")  # then the whole job is killed
     _wait_for(lambda: not head_processes(head_node, "RayTrainWorker", since=started), 120,
               "the killed job's workers to go")
     last = _latest(stage_dirs)["step"]
     assert last < 40
 
-    # Submitted again, with `--resume`: it continues and ends as a job that succeeded.
-    again = submit_job(head_node, "jobs.train", *args, "--resume")
+    # Submitted again (insisting on a checkpoint to continue): it continues and ends as a job that succeeded.
+    again = submit_job(head_node, "jobs.pipeline", *args, "--until", "train", "--set", "training.resume=require")
     assert again.returncode == 0 and "succeeded" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
     (stage_dir,) = stage_dirs()
     summary = json.loads((stage_dir / "training_summary.json").read_text())
+    # MLflow holds the stage's run once: the killed job's, continued by the second and finished.
+    registry = tracking.MlflowClient(f"sqlite:///{training_root.resolve() / 'mlflow.db'}")
+    runs = registry.search_runs(registry.get_experiment_by_name("draftsmith").experiment_id,
+                                f"tags.`draftsmith.fingerprint` = '{stage_dir.name.removeprefix('train-')}'")
+    assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_id, r.info.status) for r in runs]
     assert summary["steps"] == 40
     first_resume, second_resume = summary["resumed_from"]
     # The re-run continued from the latest committed checkpoint (the snapshot on disk may lag one report behind),

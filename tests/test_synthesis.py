@@ -94,10 +94,10 @@ def test_vllm_synthesis_resumes_after_a_kill_without_duplicates_or_losses(tiny_b
     out_root = tmp_path / "runs"
     overrides = [*TINY_BASE_OVERRIDES, f"output_dir={out_root}", f"data.sources=[{{path: {data}}}]",
                  "synthesis.shard_size=2", "synthesis.batch_size=2", "synthesis.sampling.max_tokens_per_turn=24"]
-    args = ["--recipe", "tiny-eagle3", *[a for o in overrides for a in ("--set", o)]]
+    args = ["--recipe", "tiny-eagle3", "--until", "synthesize", *[a for o in overrides for a in ("--set", o)]]
 
     job = f"synthesis-drill-{time.time_ns()}"
-    submitted = submit_job(head_node, "jobs.synthesize", *args, wait=False, submission_id=job)
+    submitted = submit_job(head_node, "jobs.pipeline", *args, wait=False, submission_id=job)
     assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
     deadline = time.time() + 600
     try:
@@ -107,11 +107,11 @@ def test_vllm_synthesis_resumes_after_a_kill_without_duplicates_or_losses(tiny_b
             assert job_running(head_node, job), "synthesis finished or died before it was killed"
             time.sleep(0.2)
     finally:
-        assert kill_submitted_job(head_node, "jobs.synthesize") == 1, "synthesis finished before it was killed"
+        assert kill_submitted_job(head_node, "jobs.pipeline") == 1, "synthesis finished before it was killed"
     kept = {p: p.stat().st_mtime_ns for p in out_root.glob("tiny-eagle3/synthesize-*/state/round-00/*.jsonl")}
     assert kept
 
-    second = submit_job(head_node, "jobs.synthesize", *args)
+    second = submit_job(head_node, "jobs.pipeline", *args)
     assert second.returncode == 0 and "succeeded" in second.stdout, second.stdout[-3000:] + second.stderr[-3000:]
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished work was not redone
 
