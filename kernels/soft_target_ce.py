@@ -6,7 +6,9 @@ Triton kernel (CUDA) or the PyTorch twin (CPU, float64, or on request).
 
 which is ModelOpt's EAGLE loss (`HFEagleModel._eagle_loss`: `-sum(mask * p * log_softmax(z)) / (mask.sum() +
 1e-5)`) and its autograd gradient, to rounding. Kept for the backward: the inputs (no copies) and four floats a
-row; the only (tokens x vocabulary) tensor either pass allocates is the gradient itself.
+row; the only (tokens x vocabulary) tensor either pass allocates is the gradient itself, and with
+`grad_in_logits` not even that: the backward writes the gradient over the logits it has just read, block by block,
+as fused cross-entropy kernels do (liger-kernel's), for logits that nothing reads after the loss.
 """
 
 from __future__ import annotations
@@ -48,24 +50,28 @@ def _backend(device: torch.device, acc: torch.dtype, impl: Impl) -> Any:
 class _SoftTargetCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
-                denominator: torch.Tensor, target_is_logits: bool, backend: Any, acc: torch.dtype) -> torch.Tensor:
+                denominator: torch.Tensor, target_is_logits: bool, backend: Any, acc: torch.dtype,
+                grad_in_logits: bool = False) -> torch.Tensor:
         options = {"target_is_logits": target_is_logits} | ({"acc": acc} if backend is twin else {})
         row_loss, lse, sum_p, lse_t = backend.forward_stats(logits, target, weights, **options)
         ctx.save_for_backward(logits, target, weights, lse, sum_p, lse_t, denominator)
-        ctx.backend, ctx.options = backend, options
+        ctx.backend, ctx.options, ctx.grad_in_logits = backend, options, grad_in_logits
         return (row_loss * weights).sum(dtype=acc) / denominator
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         logits, target, weights, lse, sum_p, lse_t, denominator = ctx.saved_tensors
         coef = weights.to(lse.dtype) * (grad_loss.to(lse.dtype) / denominator.to(lse.dtype))  # [B, T]
-        grad = ctx.backend.backward_grad(logits, target, coef, lse, sum_p, lse_t, **ctx.options)
-        return grad, None, None, None, None, None, None
+        # In place: the logits' version counter moves, so an autograd node that saved them too and runs later
+        # fails loudly ("modified by an inplace operation") instead of reading the gradient as logits.
+        out = logits if ctx.grad_in_logits else None
+        grad = ctx.backend.backward_grad(logits, target, coef, lse, sum_p, lse_t, out=out, **ctx.options)
+        return grad, None, None, None, None, None, None, None
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor, *,
-                              target_is_logits: bool = False, eps: float = 1e-5, impl: Impl = "auto"
-                              ) -> torch.Tensor:
+                              target_is_logits: bool = False, eps: float = 1e-5, impl: Impl = "auto",
+                              grad_in_logits: bool = False) -> torch.Tensor:
     """Masked soft-target cross-entropy of `logits` against `target`, a scalar (float32; float64 for float64 inputs).
 
     logits: [N, V] or [B, T, V], the draft's logits (any float dtype; views with strided rows are fine).
@@ -74,6 +80,8 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor, loss_m
     loss_mask: [N] or [B, T], row weights w (bool, int or float; ModelOpt's are 0/1).
     eps: added to sum(w), as ModelOpt does (an all-zero mask gives loss 0, not NaN).
     impl: "auto" (Triton on CUDA for float16/bfloat16/float32 where installed, else the twin), "torch" or "triton".
+    grad_in_logits: the backward writes the gradient into the logits' own storage (no vocabulary-sized allocation
+        at all); their values are gone after it. Only for logits nothing reads after the loss's backward.
     """
     if target.shape != logits.shape:
         raise ValueError(f"target shape {tuple(target.shape)} differs from logits shape {tuple(logits.shape)}")
@@ -91,4 +99,4 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor, loss_m
     # ModelOpt's `mask.sum() + 1e-5` with torch's promotion (float32 for an integer mask), to match it exactly.
     denominator = (loss_mask.sum() + eps).to(acc)
     backend = _backend(logits.device, acc, impl)
-    return _SoftTargetCrossEntropy.apply(z, p, weights, denominator, target_is_logits, backend, acc)
+    return _SoftTargetCrossEntropy.apply(z, p, weights, denominator, target_is_logits, backend, acc, grad_in_logits)

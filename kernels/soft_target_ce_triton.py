@@ -67,18 +67,19 @@ def _forward_kernel(z_ptr, z_stride_b, z_stride_t, x_ptr, x_stride_b, x_stride_t
 
 @triton.jit
 def _backward_kernel(z_ptr, z_stride_b, z_stride_t, x_ptr, x_stride_b, x_stride_t, coef_ptr,
-                     lse_ptr, sum_p_ptr, lse_t_ptr, grad_ptr, rows, vocab,
+                     lse_ptr, sum_p_ptr, lse_t_ptr, grad_ptr, g_stride_b, g_stride_t, rows, vocab,
                      TARGET_LOGITS: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     coef = tl.load(coef_ptr + row)
-    grad_row = grad_ptr + row * vocab  # the gradient is contiguous [B * T, V]
+    b = row // rows
+    t = row % rows
+    # The gradient may be the logits themselves: each block is loaded before its gradient is stored over it.
+    grad_row = grad_ptr + b * g_stride_b + t * g_stride_t
     if coef == 0:
         for start in range(0, vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             tl.store(grad_row + cols, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=cols < vocab)
         return
-    b = row // rows
-    t = row % rows
     z_row = z_ptr + b * z_stride_b + t * z_stride_t
     x_row = x_ptr + b * x_stride_b + t * x_stride_t
     lse = tl.load(lse_ptr + row)
@@ -117,14 +118,16 @@ def forward_stats(logits: torch.Tensor, target: torch.Tensor, weights: torch.Ten
 
 
 def backward_grad(logits: torch.Tensor, target: torch.Tensor, coef: torch.Tensor, lse: torch.Tensor,
-                  sum_p: torch.Tensor, lse_t: torch.Tensor, *, target_is_logits: bool, block_v: int | None = None
-                  ) -> torch.Tensor:
-    """d loss / d logits [B, T, V] in the logits' dtype, contiguous, as the twin's `backward_grad`."""
+                  sum_p: torch.Tensor, lse_t: torch.Tensor, *, target_is_logits: bool, block_v: int | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """d loss / d logits [B, T, V] in the logits' dtype, into `out` (the logits may be given) or a new contiguous
+    tensor, as the twin's `backward_grad`."""
     batch, rows, vocab = logits.shape
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = out if out is not None else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    assert grad.shape == logits.shape and grad.stride(-1) == 1, (grad.shape, grad.stride())
     block, warps = _launch_shape(vocab, block_v)
     _backward_kernel[(batch * rows,)](
         logits, logits.stride(0), logits.stride(1), target, target.stride(0), target.stride(1),
         coef.to(torch.float32).contiguous(), lse.contiguous(), sum_p.contiguous(), lse_t.contiguous(), grad,
-        rows, vocab, TARGET_LOGITS=target_is_logits, BLOCK_V=block, num_warps=warps)
+        grad.stride(0), grad.stride(1), rows, vocab, TARGET_LOGITS=target_is_logits, BLOCK_V=block, num_warps=warps)
     return grad

@@ -71,12 +71,13 @@ def forward_stats(logits: torch.Tensor, target: torch.Tensor, weights: torch.Ten
 
 
 def backward_grad(logits: torch.Tensor, target: torch.Tensor, coef: torch.Tensor, lse: torch.Tensor,
-                  sum_p: torch.Tensor, lse_t: torch.Tensor, *, target_is_logits: bool, acc: torch.dtype
-                  ) -> torch.Tensor:
-    """d loss / d logits [B, T, V] in the logits' dtype, contiguous: (softmax(z) * sum_p - p) * coef per row, the
-    softmaxes recomputed by `torch.softmax` (lse and lse_t are not needed)."""
+                  sum_p: torch.Tensor, lse_t: torch.Tensor, *, target_is_logits: bool, acc: torch.dtype,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """d loss / d logits [B, T, V] in the logits' dtype: (softmax(z) * sum_p - p) * coef per row, the softmaxes
+    recomputed by `torch.softmax` (lse and lse_t are not needed). Into `out` (the logits themselves may be given:
+    each block is copied into the workspace before its gradient is written back), else a new contiguous tensor."""
     batch, rows, vocab = logits.shape
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = out if out is not None else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     copy_ws, q_ws, *p_ws = _workspaces(rows, vocab, acc, logits.device, 3 if target_is_logits else 2)
     for b, block in row_blocks(batch, rows, vocab):
         if not bool(coef[b, block].any()):

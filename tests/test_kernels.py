@@ -79,6 +79,26 @@ def test_twin_in_bf16_matches_float64_better_than_modelopt_in_bf16():
     assert abs(from_logits.item() - reference.item()) < 2e-3 * reference.item()  # p was rounded to bf16 above
 
 
+@pytest.mark.parametrize("as_logits", [False, True])
+def test_gradient_written_over_the_logits_is_the_gradient(as_logits):
+    """`grad_in_logits`: the backward leaves the gradient in the logits' own storage (rows of a longer sequence, as
+    ModelOpt slices them per TTT step, the other rows untouched) and hands that on: what reaches the tensor the
+    logits came from equals the ordinary gradient."""
+    z, x, p, mask = _inputs(2, 37, 1001, torch.float32)
+    target = x if as_logits else p
+    (expected,) = torch.autograd.grad(soft_target_cross_entropy(z, target, mask, target_is_logits=as_logits), z)
+    hidden = z._base.detach().clone().requires_grad_()  # the [B, T + 2, V] sequence z's rows are a view of
+    sequence = hidden * 1.0  # a non-leaf, as the draft's lm_head output is
+    before = sequence.detach().clone()
+    loss = soft_target_cross_entropy(sequence[:, 1:-1], target, mask, target_is_logits=as_logits,
+                                     grad_in_logits=True)
+    loss.backward()
+    torch.testing.assert_close(sequence.detach()[:, 1:-1], expected, rtol=1e-6, atol=1e-9)  # written in place
+    assert torch.equal(sequence.detach()[:, [0, -1]], before[:, [0, -1]])
+    torch.testing.assert_close(hidden.grad[:, 1:-1], expected, rtol=1e-6, atol=1e-9)
+    assert not hidden.grad[:, [0, -1]].any()
+
+
 def test_twin_keeps_no_vocabulary_sized_tensor_for_backward():
     """Saved for the backward: the inputs themselves and a few floats a row, nothing [rows, vocab] new."""
     z, _, p, mask = _inputs(2, 37, 1001, torch.float32)
@@ -117,15 +137,16 @@ def interpreted_kernel_errors() -> dict[str, list[float]]:
         z, x, p, mask = _inputs(2, 9, 300, dtype, seed=1)
         for as_logits, target in ((False, p), (True, x)):
             results = []
-            for backend in (blocked, twin):
-                loss = _SoftTargetCrossEntropy.apply(z, target, mask.float(), (mask.sum() + 1e-5).float(), as_logits,
-                                                     backend, torch.float32)
-                results.append((loss, torch.autograd.grad(2.5 * loss, z)[0].float()))
-            (loss, grad), (expected_loss, expected_grad) = results
+            for backend, in_place in ((blocked, False), (twin, False), (blocked, True)):
+                logits = z.detach().clone().requires_grad_() if in_place else z  # the in-place one overwrites
+                loss = _SoftTargetCrossEntropy.apply(logits, target, mask.float(), (mask.sum() + 1e-5).float(),
+                                                     as_logits, backend, torch.float32, in_place)
+                results.append((loss, torch.autograd.grad(2.5 * loss, logits)[0].float()))
+            (loss, grad), (expected_loss, expected_grad), (_, in_place_grad) = results
             errors[f"{dtype}-{'logits' if as_logits else 'probabilities'}"] = [
                 abs(loss - expected_loss).item() / expected_loss.item(),
                 ((grad - expected_grad).abs().max() / expected_grad.abs().max()).item(),
-                grad[mask == 0].abs().max().item()]
+                grad[mask == 0].abs().max().item(), (in_place_grad - grad).abs().max().item()]
     return errors
 
 
@@ -138,8 +159,8 @@ def test_triton_kernel_equals_twin_in_the_interpreter():
     assert run.returncode == 0, run.stderr[-3000:]
     errors = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(errors) == 4
-    for case, (loss, grad, masked) in errors.items():
-        assert loss < 1e-6 and masked == 0, (case, loss, masked)
+    for case, (loss, grad, masked, in_place) in errors.items():
+        assert loss < 1e-6 and masked == 0 and in_place == 0, (case, loss, masked, in_place)
         assert grad < (1e-6 if "float32" in case else 1e-2), (case, grad)  # bf16: one rounding of the gradient
 
 

@@ -34,8 +34,9 @@ import torch
 
 TOKENS = 4096
 VOCABS = (32000, 128256)
-MODELOPT, FUSED, FUSED_FROM_LOGITS, TWIN_ON_CUDA = ("ModelOpt _eagle_loss", "fused", "fused, target as logits",
-                                                   "fused, twin on CUDA")
+MODELOPT, FUSED, FUSED_IN_PLACE, FUSED_FROM_LOGITS, TWIN_ON_CUDA = (
+    "ModelOpt _eagle_loss", "fused, gradient of its own", "fused, gradient over the logits (training's)",
+    "fused, target as logits", "fused, twin on CUDA")
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -51,9 +52,13 @@ def _variants(device: str) -> dict[str, tuple[str, Loss]]:
     def from_logits(x: torch.Tensor, token: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, impl: str = "auto"):
         return soft_target_cross_entropy(z, x, mask, target_is_logits=True, impl=impl), eagle_accuracy(token, z, mask)
 
+    def own_gradient(p: torch.Tensor, token: torch.Tensor, z: torch.Tensor, mask: torch.Tensor):
+        return soft_target_cross_entropy(z, p, mask), eagle_accuracy(token, z, mask)
+
     variants = {  # "fused" is the twin on CPU and the Triton kernel on CUDA
         MODELOPT: ("probabilities", lambda *args: HFEagleModel._eagle_loss(None, *args)),
-        FUSED: ("probabilities", lambda *args: fused_eagle_loss(None, *args)),
+        FUSED: ("probabilities", own_gradient),
+        FUSED_IN_PLACE: ("probabilities", lambda *args: fused_eagle_loss(None, *args)),
         FUSED_FROM_LOGITS: ("logits", from_logits),
     }
     if device == "cuda":
@@ -94,9 +99,12 @@ def measure_cpu(variant: str, tokens: int, vocab: int, calls: int = 2) -> dict[s
     target_kind, loss_fn = _variants("cpu")[variant]
     inputs = _inputs(tokens, vocab, "cpu")
     z, target = inputs["z"], inputs[target_kind]
-    args = (target, inputs["token"], z, inputs["mask"])
+    logits = z.detach().clone()  # the values, put back before each call (one variant writes its gradient over z)
+    # The loss gets a view of z, as training's loss gets the lm_head's output: the gradient flows on to z.grad
+    # without the copy autograd makes of a gradient that shares storage with the leaf it is for.
+    args = lambda: (target, inputs["token"], z.view_as(z), inputs["mask"])  # noqa: E731
     small = _inputs(8, 64, "cpu")  # first use of every operator, outside the measurement
-    loss_fn(small[target_kind], small["token"], small["z"], small["mask"])[0].backward()
+    loss_fn(small[target_kind], small["token"], small["z"].view_as(small["z"]), small["mask"])[0].backward()
     cores = torch.get_num_threads()
     seconds: dict[str, list[float]] = {"all_cores": [], "one_thread": []}
     peak = 0.0
@@ -104,16 +112,21 @@ def measure_cpu(variant: str, tokens: int, vocab: int, calls: int = 2) -> dict[s
         threads = "all_cores" if call % 2 == 0 else "one_thread"
         torch.set_num_threads(cores if threads == "all_cores" else 1)
         z.grad = None
+        with torch.no_grad():
+            z.copy_(logits)
+        call_args = args()
         before = _status_mib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         started = time.perf_counter()
-        loss, _ = loss_fn(*args)
+        loss, _ = loss_fn(*call_args)
         loss.backward()
         seconds[threads].append(time.perf_counter() - started)
         if call == 0:
             peak = _status_mib("VmHWM") - before
     z.grad = None
-    held = _held_for_backward_mib(loss_fn, args, target)
+    with torch.no_grad():
+        z.copy_(logits)
+    held = _held_for_backward_mib(loss_fn, args(), target)
     return {"peak_mib": peak, **seconds, "held_mib": held, "loss": loss.item()}
 
 
@@ -123,7 +136,7 @@ def loss_kernel_section(tokens: int = TOKENS, vocabs: tuple[int, ...] = VOCABS, 
 
     from draftsmith.bench.report import Section
 
-    names = [MODELOPT, FUSED, FUSED_FROM_LOGITS]
+    names = [MODELOPT, FUSED, FUSED_IN_PLACE, FUSED_FROM_LOGITS]
     runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for vocab in vocabs:
         for _ in range(repeats):
@@ -158,8 +171,8 @@ def loss_kernel_section(tokens: int = TOKENS, vocabs: tuple[int, ...] = VOCABS, 
         f"average {psutil.getloadavg()[0]:.1f} at the end on {cores} cores (other work on the machine slows the "
         "fused loss more: its many block-sized operations each wait for every thread). One thread is what each of "
         "the default two training workers gets on two cores. Peak: resident-set high-water mark of the first call "
-        f"above the inputs, the gradient of the logits included ({gradient:,.0f} MiB at {max(vocabs):,}: any loss "
-        "must return it; only fusing the lm_head avoids it).",
+        f"above the inputs, the gradient of the logits included ({gradient:,.0f} MiB at {max(vocabs):,}) unless the "
+        "loss writes it over the logits, as training's fused loss does where ModelOpt reads its logits no more.",
         "Held for backward: what stays alive until the backward, per TTT step (the fused loss keeps the logits, "
         "ModelOpt keeps its log-softmax and mask * p instead); the target is shared by all steps and not counted.",
         "Target as logits: the base's logits instead of their softmax, which then never exists (one [T, V] tensor "
@@ -175,12 +188,15 @@ def _cuda_figures(out_dir: Path, tokens: int = TOKENS, vocabs: tuple[int, ...] =
     rows = []
     for vocab in vocabs:
         inputs = _inputs(tokens, vocab, "cuda")
+        z, logits = inputs["z"], inputs["z"].detach().clone()  # values put back before each call (as on CPU)
         reference = None
         for name, (target_kind, loss_fn) in variants.items():
-            args = (inputs[target_kind], inputs["token"], inputs["z"], inputs["mask"])
             times = []
             for _ in range(repeats + 1):  # the first compiles the kernels and warms the allocator
-                inputs["z"].grad = None
+                z.grad = None
+                with torch.no_grad():
+                    z.copy_(logits)
+                args = (inputs[target_kind], inputs["token"], z.view_as(z), inputs["mask"])
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
@@ -190,8 +206,11 @@ def _cuda_figures(out_dir: Path, tokens: int = TOKENS, vocabs: tuple[int, ...] =
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - started)
                 peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-            inputs["z"].grad = None
-            held = _held_for_backward_mib(loss_fn, args, inputs[target_kind])
+            z.grad = None
+            with torch.no_grad():
+                z.copy_(logits)
+            held = _held_for_backward_mib(loss_fn, (inputs[target_kind], inputs["token"], z.view_as(z),
+                                                    inputs["mask"]), inputs[target_kind])
             reference = reference or {"peak": peak, "seconds": statistics.median(times[1:])}
             seconds = statistics.median(times[1:])
             rows.append({"vocab": vocab, "loss": name, "peak_mib": peak, "peak_ratio": peak / reference["peak"],

@@ -15,6 +15,7 @@ also checks that nothing (ModelOpt's own `torch.compile` of the method, say) has
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -30,6 +31,9 @@ from kernels import soft_target_cross_entropy
 
 EXPECTED_MODELOPT = "0.47.0"
 EXPECTED_SOURCE_SHA256 = "b14f9d035bd87d478cb7584169057d9b665f067e3b57e422726dc634d7312ce8"
+# HFEagleModel.forward of EXPECTED_MODELOPT, in which each TTT step's draft logits are read by `_eagle_loss` alone
+# (a loop variable, not returned): the fused loss may then write their gradient over them.
+EXPECTED_FORWARD_SHA256 = "18584caa78256e77af88f3546043ff4675887bbd2962263a7f521b73ba69a9f3"
 LossKernel = Literal["modelopt", "fused"]
 
 
@@ -37,8 +41,8 @@ class LossKernelError(RuntimeError):
     """The installed ModelOpt's EAGLE loss is not the one the fused loss replaces."""
 
 
-def eagle_loss_source() -> str:
-    """The source of the installed `HFEagleModel._eagle_loss`, as `inspect.getsource` gives it, without importing
+def eagle_loss_source(method: str = "_eagle_loss") -> str:
+    """The source of the installed `HFEagleModel.<method>`, as `inspect.getsource` gives it, without importing
     ModelOpt (about 17 s of a core)."""
     spec = importlib.util.find_spec("modelopt")
     if spec is None or not spec.submodule_search_locations:
@@ -48,9 +52,9 @@ def eagle_loss_source() -> str:
     for node in ast.parse(text).body:
         if isinstance(node, ast.ClassDef) and node.name == "HFEagleModel":
             for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == "_eagle_loss":
+                if isinstance(item, ast.FunctionDef) and item.name == method:
                     return "".join(text.splitlines(keepends=True)[item.lineno - 1:item.end_lineno])
-    raise LossKernelError(f"{path} defines no HFEagleModel._eagle_loss")
+    raise LossKernelError(f"{path} defines no HFEagleModel.{method}")
 
 
 def check_modelopt_eagle_loss() -> None:
@@ -63,6 +67,13 @@ def check_modelopt_eagle_loss() -> None:
             f"{EXPECTED_MODELOPT}'s, sha256 {EXPECTED_SOURCE_SHA256[:12]}, got {digest[:12]}): set "
             "training.loss_kernel=modelopt, or compare the new method with draftsmith/draft/fused_loss.py and update "
             "EXPECTED_SOURCE_SHA256 there")
+
+
+@functools.cache
+def logits_unread_after_loss() -> bool:
+    """Whether the installed ModelOpt's training forward is the one that reads the draft's logits only through
+    `_eagle_loss` (EXPECTED_FORWARD_SHA256). Elsewhere the fused loss still runs, with a gradient of its own."""
+    return hashlib.sha256(eagle_loss_source("forward").encode()).hexdigest() == EXPECTED_FORWARD_SHA256
 
 
 def has_eagle_loss(algorithm: str) -> bool:
@@ -93,7 +104,9 @@ def fused_eagle_loss(self: torch.nn.Module | None, base_output_softmax_logits: t
     mask = loss_mask[:, : eagle_logits.shape[1]]
     assert base_output_softmax_logits.shape == eagle_logits.shape, (base_output_softmax_logits.shape,
                                                                      eagle_logits.shape)
-    loss = soft_target_cross_entropy(eagle_logits, base_output_softmax_logits, mask)
+    # The gradient goes over the logits (no [B, T, V] allocation in the backward) where ModelOpt reads them no more.
+    loss = soft_target_cross_entropy(eagle_logits, base_output_softmax_logits, mask,
+                                     grad_in_logits=logits_unread_after_loss())
     return loss, eagle_accuracy(base_output_predict_tok, eagle_logits, mask)
 
 
