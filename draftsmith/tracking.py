@@ -145,9 +145,10 @@ def start_run(
     """An MLflow run tagged with provenance; nested runs sit under the active (pipeline) run.
 
     With `folder` (a stage's, or the recipe's run folder for the pipeline with the recipe's hash as `key`), the
-    run's id is kept there and a later attempt at the same work continues an unfinished run: after a crash, a kill or a tracking server outage, MLflow
-    holds one run per stage, not one per attempt. A run whose work fails while the server does not answer is left
-    RUNNING (ending it would only wait out MLflow's retries again) for the re-run to continue."""
+    run's id is kept there and a later attempt at the same work continues an unfinished run: after a crash, a kill
+    or a tracking server outage, MLflow holds one run per stage, not one per attempt. A run whose work fails while
+    the server does not answer is left RUNNING (ending it would only wait out MLflow's retries again) for the
+    re-run to continue."""
     all_tags = {**provenance_tags(), **(tags or {})}
     if folder is not None and run_id is None:
         run_id = unfinished_run(folder, key)

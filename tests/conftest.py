@@ -300,7 +300,8 @@ def mlflow_server_process(root: Path, port: int) -> subprocess.Popen:
 
 def pytest_sessionfinish(session, exitstatus):
     if _MLFLOW_SERVER:
-        _MLFLOW_SERVER["proc"].terminate()
+        with contextlib.suppress(ProcessLookupError):  # the server and its worker: a process group of their own
+            os.killpg(_MLFLOW_SERVER["proc"].pid, signal.SIGTERM)
         _MLFLOW_SERVER["proc"].wait(timeout=30)
 
 

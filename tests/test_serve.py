@@ -292,7 +292,7 @@ def _engine_cores(head) -> list[psutil.Process]:
 
 def test_a_dead_engine_or_replica_is_replaced_and_the_endpoint_keeps_answering(endpoint):
     """Under steady load: one replica's vLLM engine process is killed, and once Serve has replaced that replica,
-    the other replica's whole process (engine core and all). Every request is answered, each replacement serves,
+    the other replica's whole process (engine core and all). Every request is answered, each replica is replaced,
     and the killed replica's engine core does not outlive it."""
     url, head = endpoint[0], endpoint[1]
     cores = _engine_cores(head)
