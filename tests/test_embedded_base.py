@@ -109,3 +109,43 @@ def test_engine_processes_take_the_callers_environment_and_report_vllms_error(ti
     with pytest.raises(RuntimeError, match="vLLM generation failed") as failed:
         run_vllm_chat(tiny_base, [[{"role": "user", "content": "What is 1 plus 1?"}]], max_tokens=4, vllm=EAGER)
     assert "memory for the cache blocks" in str(failed.value), str(failed.value)[-2000:]  # vLLM's ValueError
+
+
+def test_reference_answers_are_the_generators_own():
+    """`reference_answer` recognises exactly the first questions the generator writes for the four computed
+    families (and gives its answer), nothing of the facts family, and not other phrasings of the same tasks."""
+    from draftsmith.embedded.conversations import generate_conversations, reference_answer
+
+    computed = 0
+    for conversation in generate_conversations(2000, seed=11):
+        first = conversation.turns[0]
+        if conversation.family == "facts":
+            assert reference_answer(first.user) is None, first.user
+        else:
+            assert reference_answer(first.user) == first.assistant, first.user
+            computed += 1
+    assert computed > 1000
+    for other in ("What is 12 plus 7?", "What is 5 + 7?", "Spell the word apple.", 'Spell the word "zebra".',
+                  "Sort these numbers in ascending order: 4, 4, 7.", "Convert 3 km to miles."):
+        assert reference_answer(other) is None, other
+
+
+def test_the_readme_and_demo_ask_the_embedded_base_only_what_it_was_taught():
+    """Every example prompt the README sends to the served toy, and the `draftsmith serve --prompt` example, is one
+    of the generator's phrasings (the toy answers those exactly, and only those: its exact match is measured by
+    `make bench` and printed by the demo)."""
+    import re
+    from pathlib import Path
+
+    from draftsmith.commands import chat, serve
+    from draftsmith.embedded.conversations import reference_answer
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    asked = re.findall(r'"role": "user", "content": "([^"]+)"', readme)
+    asked += re.findall(r"^  asked      (.+)$", readme, flags=re.MULTILINE)
+    asked += re.findall(r'--prompt "([^"]+)"', serve.__doc__ + readme)
+    asked += re.findall(r"draftsmith chat '([^']+)'", chat.__doc__ + readme)
+    assert len(asked) >= 4, asked
+    for prompt in asked:
+        assert reference_answer(prompt) is not None, f"the README or the demo asks the toy {prompt!r}"

@@ -1,6 +1,6 @@
 """Chat with a served OpenAI-compatible endpoint, streaming the answer: one prompt, or a conversation without one.
 
-    draftsmith chat "Spell the word cat."
+    draftsmith chat 'Spell the word "kitten".'                             # the embedded demo base's phrasing
     draftsmith chat --url http://HEAD:8000/v1 --model tiny-eagle3-draft     # a conversation; empty line or EOF ends
 
 The endpoint is this project's Serve app (`draftsmith deploy`), or any OpenAI-compatible server (vllm serve,

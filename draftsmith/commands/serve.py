@@ -5,8 +5,8 @@
 
 Starts a Ray head node (`ray start --head`, dashboard on 127.0.0.1:8265) unless one answers there, deploys the
 recipe's registry champion with `draftsmith deploy`, sends one chat request through the OpenAI client, and prints
-the answer, the reference answer where the base has one (the embedded base's held-out conversations), and the
-acceptance length the endpoint measured. The endpoint keeps running: `draftsmith chat` talks to it, `ray stop` stops
+the answer, the reference answer where the base has one (the embedded base's held-out conversations, or a
+`--prompt` in its generator's phrasings), and the acceptance length the endpoint measured. The endpoint keeps running: `draftsmith chat` talks to it, `ray stop` stops
 it (and every other Ray on this machine).
 """
 
@@ -103,6 +103,15 @@ def default_question(recipe: Recipe) -> Question:
     return Question(FALLBACK_PROMPT, None)
 
 
+def prompt_question(recipe: Recipe, prompt: str) -> Question:
+    """The user's question, with the embedded base's reference answer where it is one of its generator's phrasings."""
+    if recipe.base.embedded is None:
+        return Question(prompt, None)
+    from draftsmith.embedded.conversations import reference_answer
+
+    return Question(prompt, reference_answer(prompt))
+
+
 def acceptance_length(url: str, timeout_s: float = 20) -> float | None:
     """The endpoint's acceptance length (mean tokens per verification step), once its engines have reported."""
     deadline = time.time() + timeout_s
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None, prog: str | None = None, out: TextIO | N
     if deploy(["--recipe", args.recipe, "--address", args.address, "--tracking-uri", tracking_uri],
               prog="draftsmith deploy") != 0:
         return 2
-    question = Question(args.prompt, None) if args.prompt else default_question(recipe)
+    question = prompt_question(recipe, args.prompt) if args.prompt else default_question(recipe)
     ask(args.url, question, args.max_tokens, out)
     out.write(f"\nthe endpoint keeps running:\n  draftsmith chat                 # talk to it\n"
               f"  curl {args.url}/v1/models\n  ray stop                        # stop it (and every Ray on this "

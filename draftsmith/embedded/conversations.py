@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
@@ -106,6 +107,18 @@ def _addition_steps(a: int, b: int) -> str:
     return f"{first} Add the tens: {tens_terms} = {tens}. So {a} + {b} = {a + b}."
 
 
+def _sorted_answer(xs: list[int]) -> str:
+    return f"Sorted: {_fmt_list(sorted(xs))}."
+
+
+def _spelled_answer(word: str) -> str:
+    return f"{word} is spelled {'-'.join(word)}."
+
+
+def _converted_answer(n: int, src: str, dst: str, factor: int) -> str:
+    return f"1 {src} is {factor} {dst}, so {n} {src} is {n} x {factor} = {n * factor} {dst}."
+
+
 def _arithmetic(rng: random.Random) -> Conversation:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     turns = [Turn(f"What is {a} + {b}?", _addition_steps(a, b), "arithmetic")]
@@ -132,8 +145,7 @@ def _maybe_one_of(rng: random.Random, *followups: Turn, share_each: float = 0.3)
 def _sorting(rng: random.Random) -> Conversation:
     xs = rng.sample(range(1, 100), rng.randint(3, 6))
     ordered = sorted(xs)
-    turns = [Turn(f"Sort these numbers in ascending order: {_fmt_list(xs)}.", f"Sorted: {_fmt_list(ordered)}.",
-                  "sorting")]
+    turns = [Turn(f"Sort these numbers in ascending order: {_fmt_list(xs)}.", _sorted_answer(xs), "sorting")]
     turns += _maybe_one_of(rng, Turn("Now reverse that list.", f"Reversed: {_fmt_list(ordered[::-1])}.", FOLLOWUP),
                            Turn("Which one is the largest?", f"The largest is {ordered[-1]}.", FOLLOWUP))
     return Conversation("sorting", turns)
@@ -141,7 +153,7 @@ def _sorting(rng: random.Random) -> Conversation:
 
 def _spelling(rng: random.Random) -> Conversation:
     word = rng.choice(WORDS)
-    turns = [Turn(f"Spell the word \"{word}\".", f"{word} is spelled {'-'.join(word)}.", "spelling")]
+    turns = [Turn(f"Spell the word \"{word}\".", _spelled_answer(word), "spelling")]
     turns += _maybe_one_of(rng, Turn("How many letters is that?", f"{word} has {len(word)} letters.", FOLLOWUP),
                            Turn("Now spell it backwards.", f"Backwards: {'-'.join(word[::-1])}.", FOLLOWUP))
     return Conversation("spelling", turns)
@@ -152,13 +164,31 @@ def _units(rng: random.Random) -> Conversation:
     src, dst, factor = UNIT_CONVERSIONS[index]
     n = rng.randint(1, 99)
     value = n * factor
-    turns = [Turn(f"Convert {n} {src} to {dst}.",
-                  f"1 {src} is {factor} {dst}, so {n} {src} is {n} x {factor} = {value} {dst}.", "units")]
+    turns = [Turn(f"Convert {n} {src} to {dst}.", _converted_answer(n, src, dst, factor), "units")]
     # A follow-up that continues the chain km -> m -> cm needs the previous answer's number.
     if (src, dst) == ("km", "m") and rng.random() < 0.5:
         turns.append(Turn("And how many cm is that?",
                           f"1 m is 100 cm, so {value} m is {value} x 100 = {value * 100} cm.", FOLLOWUP))
     return Conversation("units", turns)
+
+
+def reference_answer(prompt: str) -> str | None:
+    """The answer the embedded base learned for a first question in one of its generator's phrasings (a sum of two
+    two-digit numbers, a sort of 3-6 distinct numbers below 100, the spelling of one of its words, a unit
+    conversion of 1-99), None for any other prompt: the toy answers only these, and these exactly."""
+    text = prompt.strip()
+    if match := re.fullmatch(r"What is ([1-9]\d) \+ ([1-9]\d)\?", text):
+        return _addition_steps(int(match[1]), int(match[2]))
+    if match := re.fullmatch(r"Sort these numbers in ascending order: ([1-9]\d?(?:, [1-9]\d?){2,5})\.", text):
+        xs = [int(x) for x in match[1].split(", ")]
+        return _sorted_answer(xs) if len(set(xs)) == len(xs) else None
+    if (match := re.fullmatch(r'Spell the word "([a-z]+)"\.', text)) and match[1] in WORDS:
+        return _spelled_answer(match[1])
+    if match := re.fullmatch(r"Convert ([1-9]\d?) (\w+) to (\w+)\.", text):
+        n, src, dst = int(match[1]), match[2], match[3]
+        factor = next((f for s, d, f in UNIT_CONVERSIONS if (s, d) == (src, dst)), None)
+        return None if factor is None else _converted_answer(n, src, dst, factor)
+    return None
 
 
 def _facts(rng: random.Random) -> Conversation:
