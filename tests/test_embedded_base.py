@@ -111,34 +111,39 @@ def test_engine_processes_take_the_callers_environment_and_report_vllms_error(ti
     assert "memory for the cache blocks" in str(failed.value), str(failed.value)[-2000:]  # vLLM's ValueError
 
 
-def test_reference_answers_are_the_generators_own():
-    """`reference_answer` recognises exactly the first questions the generator writes for the four computed
-    families (and gives its answer), nothing of the facts family, and not other phrasings of the same tasks."""
-    from draftsmith.embedded.conversations import generate_conversations, reference_answer
+def test_taught_turns_are_the_generators_own():
+    """`taught_turn` recognises exactly the first questions the generator writes for the four computed families
+    (with its answer and family), nothing of the facts family, and not other phrasings of the same tasks."""
+    from draftsmith.embedded.conversations import generate_conversations, taught_turn
 
     computed = 0
     for conversation in generate_conversations(2000, seed=11):
         first = conversation.turns[0]
         if conversation.family == "facts":
-            assert reference_answer(first.user) is None, first.user
+            assert taught_turn(first.user) is None, first.user
         else:
-            assert reference_answer(first.user) == first.assistant, first.user
+            assert taught_turn(first.user) == first, first.user
             computed += 1
     assert computed > 1000
     for other in ("What is 12 plus 7?", "What is 5 + 7?", "Spell the word apple.", 'Spell the word "zebra".',
                   "Sort these numbers in ascending order: 4, 4, 7.", "Convert 3 km to miles."):
-        assert reference_answer(other) is None, other
+        assert taught_turn(other) is None, other
 
 
-def test_the_readme_and_demo_ask_the_embedded_base_only_what_it_was_taught():
-    """Every example prompt the README sends to the served toy, and the `draftsmith serve --prompt` example, is one
-    of the generator's phrasings (the toy answers those exactly, and only those: its exact match is measured by
-    `make bench` and printed by the demo)."""
+# The families the default embedded base answers exactly, from its build report (exact match on held-out turns,
+# the base `make demo` built on 2026-12-08): arithmetic 0.94, spelling 1.00, units 1.00; sorting 0.00 and facts
+# 0.14 are not among them. The suite builds only the small test base, which answers none.
+ANSWERED_FAMILIES = {"arithmetic", "spelling", "units"}
+
+
+def test_the_readme_and_demo_ask_the_embedded_base_only_what_it_answers():
+    """Every example prompt the README sends to the served toy, and the `draftsmith serve --prompt` and `draftsmith
+    chat` examples, is one of the generator's phrasings in a family the default base answers exactly."""
     import re
     from pathlib import Path
 
     from draftsmith.commands import chat, serve
-    from draftsmith.embedded.conversations import reference_answer
+    from draftsmith.embedded.conversations import taught_turn
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
@@ -148,4 +153,5 @@ def test_the_readme_and_demo_ask_the_embedded_base_only_what_it_was_taught():
     asked += re.findall(r"draftsmith chat '([^']+)'", chat.__doc__ + readme)
     assert len(asked) >= 4, asked
     for prompt in asked:
-        assert reference_answer(prompt) is not None, f"the README or the demo asks the toy {prompt!r}"
+        turn = taught_turn(prompt)
+        assert turn is not None and turn.kind in ANSWERED_FAMILIES, f"the README or the demo asks the toy {prompt!r}"

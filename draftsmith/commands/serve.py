@@ -1,7 +1,7 @@
 """Serve a recipe's champion on this machine and ask it one question: the end of `make demo`.
 
     draftsmith serve --recipe tiny-eagle3                 # a local head node if none answers, deploy, one question
-    draftsmith serve --recipe tiny-eagle3 --prompt "Sort these numbers in ascending order: 9, 4, 7."
+    draftsmith serve --recipe tiny-eagle3 --prompt "Convert 7 km to m."
 
 Starts a Ray head node (`ray start --head`, dashboard on 127.0.0.1:8265) unless one answers there, deploys the
 recipe's registry champion with `draftsmith deploy`, sends one chat request through the OpenAI client, and prints
@@ -107,9 +107,10 @@ def prompt_question(recipe: Recipe, prompt: str) -> Question:
     """The user's question, with the embedded base's reference answer where it is one of its generator's phrasings."""
     if recipe.base.embedded is None:
         return Question(prompt, None)
-    from draftsmith.embedded.conversations import reference_answer
+    from draftsmith.embedded.conversations import taught_turn
 
-    return Question(prompt, reference_answer(prompt))
+    turn = taught_turn(prompt)
+    return Question(prompt, turn.assistant if turn else None)
 
 
 def acceptance_length(url: str, timeout_s: float = 20) -> float | None:

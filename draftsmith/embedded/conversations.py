@@ -172,22 +172,23 @@ def _units(rng: random.Random) -> Conversation:
     return Conversation("units", turns)
 
 
-def reference_answer(prompt: str) -> str | None:
-    """The answer the embedded base learned for a first question in one of its generator's phrasings (a sum of two
-    two-digit numbers, a sort of 3-6 distinct numbers below 100, the spelling of one of its words, a unit
-    conversion of 1-99), None for any other prompt: the toy answers only these, and these exactly."""
+def taught_turn(prompt: str) -> Turn | None:
+    """The turn the generator writes for a first question in one of its computed phrasings (a sum of two two-digit
+    numbers, a sort of 3-6 distinct numbers below 100, the spelling of one of its words, a unit conversion of
+    1-99): the reference answer and the family (`kind`), None for any other prompt. The base learns some families
+    exactly and others hardly (its build report's exact match per family)."""
     text = prompt.strip()
     if match := re.fullmatch(r"What is ([1-9]\d) \+ ([1-9]\d)\?", text):
-        return _addition_steps(int(match[1]), int(match[2]))
+        return Turn(text, _addition_steps(int(match[1]), int(match[2])), "arithmetic")
     if match := re.fullmatch(r"Sort these numbers in ascending order: ([1-9]\d?(?:, [1-9]\d?){2,5})\.", text):
         xs = [int(x) for x in match[1].split(", ")]
-        return _sorted_answer(xs) if len(set(xs)) == len(xs) else None
+        return Turn(text, _sorted_answer(xs), "sorting") if len(set(xs)) == len(xs) else None
     if (match := re.fullmatch(r'Spell the word "([a-z]+)"\.', text)) and match[1] in WORDS:
-        return _spelled_answer(match[1])
+        return Turn(text, _spelled_answer(match[1]), "spelling")
     if match := re.fullmatch(r"Convert ([1-9]\d?) (\w+) to (\w+)\.", text):
         n, src, dst = int(match[1]), match[2], match[3]
         factor = next((f for s, d, f in UNIT_CONVERSIONS if (s, d) == (src, dst)), None)
-        return None if factor is None else _converted_answer(n, src, dst, factor)
+        return None if factor is None else Turn(text, _converted_answer(n, src, dst, factor), "units")
     return None
 
 
