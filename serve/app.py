@@ -2,6 +2,9 @@
 
     ingress (DraftsmithIngress, OpenAI routes)  ->  engine deployment (vLLM LLMServer | TensorRT-LLM)
                          \\-> EngineStatsBoard <-/  (engine replicas report acceptance, queue depth)
+
+The ingress and the board import no engine; the engine deployment's class (and so its engine) is imported here,
+in the build, and in its replicas.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from ray.serve.deployment import Application
 
 from draftsmith.recipe.schema import ServingSettings
 from draftsmith.serving.model_source import default_model_id, replica_env
-from serve.ingress import ENDPOINTS, DraftsmithIngress
+from serve.ingress import DraftsmithIngress
 from serve.stats_board import EngineStatsBoard
 
 log = logging.getLogger(__name__)
@@ -62,18 +65,12 @@ def engine_deployment(settings: ServingSettings, model_id: str, board: Applicati
 
 def build_app(args: dict[str, Any]) -> Application:
     """The application for `args` (ServingSettings); unknown or invalid keys fail here, naming the key."""
-    from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
-    from ray.llm._internal.serve.core.ingress.ingress import make_fastapi_ingress
-
     settings = ServingSettings.model_validate(args)
     model_id = default_model_id(settings)
     board = serve.deployment(EngineStatsBoard, name=BOARD_NAME, num_replicas=1, max_surge_percent=100,
                              ray_actor_options={"num_cpus": 0}).bind()
     engine = engine_deployment(settings, model_id, board)
-    card = ModelCard(id=model_id, object="model", owned_by="draftsmith", permission=[], metadata={})
-    ingress_cls = make_fastapi_ingress(DraftsmithIngress, endpoint_map=ENDPOINTS)
-    return serve.deployment(ingress_cls, name=INGRESS_NAME, num_replicas=settings.ingress_replicas,
+    return serve.deployment(DraftsmithIngress, name=INGRESS_NAME, num_replicas=settings.ingress_replicas,
                             max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
                             graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S, max_surge_percent=100).bind(
-        llm_deployments={model_id: engine}, model_cards={model_id: card}, serving=settings.model_dump(mode="json"),
-        stats_board=board)
+        engines={model_id: engine}, serving=settings.model_dump(mode="json"), stats_board=board)

@@ -16,7 +16,7 @@ from typing import Any
 
 from draftsmith.recipe.schema import ServingSettings
 from draftsmith.serving import openai_format as fmt
-from draftsmith.serving.limits import prompt_token_ids
+from draftsmith.serving.limits import admit, prompt_token_ids
 from draftsmith.serving.model_source import materialize
 from serve.stats_board import start_reporting
 
@@ -45,7 +45,7 @@ def sampling_kwargs(request: dict[str, Any]) -> dict[str, Any]:
 
 
 class TRTLLMServer:
-    """One TensorRT-LLM engine replica; speaks the same methods the ingress calls on vLLM's LLMServer."""
+    """One TensorRT-LLM engine replica; speaks the same plain-JSON methods the ingress calls on the vLLM one."""
 
     async def __init__(self, llm_config=None, *, serving: dict[str, Any], stats_board=None, llm_factory=None,
                        sampling_params_cls=None):
@@ -75,8 +75,9 @@ class TRTLLMServer:
         if getattr(self.llm, "_executor", None) is not None and getattr(self.llm._executor, "doing_shutdown", False):
             raise RuntimeError("TensorRT-LLM executor is shut down")
 
-    async def prompt_tokens(self, kind: str, body: dict[str, Any]) -> int:
-        return len(prompt_token_ids(self.tokenizer, kind, body))
+    async def admit(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The prompt's token count, or the 4xx for a prompt the chat template or tokenizer cannot take."""
+        return admit(self.tokenizer, kind, body)
 
     async def chat(self, request: dict[str, Any], raw_request_info=None):
         async with contextlib.aclosing(self._generate(fmt.CHAT, request)) as items:  # closing aborts

@@ -2,24 +2,30 @@
 
 Ray Serve LLM runs vLLM's AsyncLLM and its OpenAI layer; what draftsmith adds is where the model comes from (a
 registered version downloaded to the replica, or an export folder), the draft as vLLM's `speculative_config`,
-and the engine's speculative-decoding counters for the ingress's metrics.
+the engine's speculative-decoding counters for the ingress's metrics, and plain JSON at the handle: requests
+arrive as dicts and are parsed into vLLM's types here, answers leave as dicts and SSE strings (the ingress has
+no vLLM to unpickle vLLM's objects with).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray.llm._internal.common.callbacks.base import CallbackBase, CallbackConfig
 from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+from ray.llm._internal.serve.core.configs.openai_api_models import (
+    ChatCompletionRequest, CompletionRequest, ErrorResponse)
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from transformers import AutoTokenizer
 
 from draftsmith.recipe.schema import ServingSettings
-from draftsmith.serving.limits import prompt_token_ids
+from draftsmith.serving.limits import CHAT, COMPLETIONS, admit
 from draftsmith.engines.vllm_args import engine_args, engine_env
 from draftsmith.engines.vllm_cpu import use_cores
 from draftsmith.engines.vllm_metrics import engine_stats_snapshot
@@ -27,6 +33,21 @@ from draftsmith.serving.model_source import materialize, resolve_device
 from serve.stats_board import start_reporting
 
 log = logging.getLogger(__name__)
+
+REQUEST_TYPES = {CHAT: ChatCompletionRequest, COMPLETIONS: CompletionRequest}
+
+
+def plain(item: Any) -> Any:
+    """An engine answer as plain JSON data: SSE strings as they are, vLLM's response and error objects as dicts."""
+    if isinstance(item, list):
+        return [plain(x) for x in item]
+    if isinstance(item, ErrorResponse):
+        error = item.error
+        return {"error": {"message": error.message, "type": error.type, "code": error.code,
+                          "param": getattr(error, "param", None)}}
+    if hasattr(item, "model_dump"):
+        return item.model_dump(mode="json")
+    return item
 
 
 def vllm_engine_kwargs(settings: ServingSettings, model, device: str) -> dict[str, Any]:
@@ -101,5 +122,23 @@ class SpeculativeVLLMServer(LLMServer):
         return {"model": self.served_model.model_id, "model_version": self.served_model.version,
                 **self.served_model.card(), **engine_stats_snapshot()}
 
-    async def prompt_tokens(self, kind: str, body: dict[str, Any]) -> int:
-        return len(prompt_token_ids(self._tokenizer, kind, body))
+    async def admit(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The prompt's token count, or the 4xx for a body vLLM's request type or the chat template refuses."""
+        return admit(self._tokenizer, kind, body, REQUEST_TYPES[kind], self.served_model.model_id)
+
+    async def chat(self, request, raw_request_info=None) -> AsyncIterator[Any]:
+        async for item in self._plain_answers(super().chat, CHAT, request, raw_request_info):
+            yield item
+
+    async def completions(self, request, raw_request_info=None) -> AsyncIterator[Any]:
+        async for item in self._plain_answers(super().completions, COMPLETIONS, request, raw_request_info):
+            yield item
+
+    async def _plain_answers(self, method, kind: str, request, raw_request_info) -> AsyncIterator[Any]:
+        """LLMServer's answer stream for a request given as a dict (the ingress's) or as vLLM's type, in plain
+        JSON; closing it (the client went away) closes LLMServer's stream, which aborts the engine request."""
+        if isinstance(request, dict):
+            request = REQUEST_TYPES[kind].model_validate({**request, "model": self.served_model.model_id})
+        async with contextlib.aclosing(await method(request, raw_request_info)) as answers:
+            async for item in answers:
+                yield plain(item)

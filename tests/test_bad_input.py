@@ -19,7 +19,7 @@ from draftsmith.recipe.loader import RecipeError, load_recipe
 from draftsmith.recipe.schema import ServingSettings
 from draftsmith.serving.deploy import DeployError, load_serve_config, render
 from draftsmith.serving.errors import APIError
-from draftsmith.serving.limits import ACCEPTED, check_request, parse_body, parse_request, prompt_token_ids
+from draftsmith.serving.limits import ACCEPTED, admit, check_request, parse_body
 from draftsmith.serving.model_source import ModelSourceError, pin
 from draftsmith.stages.prompts import PromptsStage
 from draftsmith.stages.synthesize import SynthesizeStage
@@ -183,30 +183,30 @@ def _random_body(rng: random.Random, kind: str) -> dict:
 
 
 def test_random_request_bodies_get_a_4xx_with_an_openai_error_never_a_5xx(tiny_base):
-    """What the ingress does before a request reaches an engine (parse, limits, the engine's request type, the
-    replica's tokenization) on 400 random bodies: each is accepted or refused with a 4xx OpenAI error body."""
-    from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, CompletionRequest
+    """What a request meets before it generates, on 400 random bodies: the ingress's parse and limits, then the
+    vLLM replica's `admit` (vLLM's request type, the tokenization). Each is accepted or refused with a 4xx
+    OpenAI error body."""
     from transformers import AutoTokenizer
 
+    from serve.vllm_server import REQUEST_TYPES
+
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    types = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
     rng, outcomes = random.Random(7), {"accepted": 0, "refused": 0}
     for i in range(400):
         kind = "chat" if i % 2 else "completions"
         raw = json.dumps(_random_body(rng, kind)).encode() if i % 25 else os.urandom(rng.randint(0, 64))
         try:
             body = check_request(parse_body(raw, SETTINGS), kind, SETTINGS)
-            parse_request(types[kind], body, "m")
-            try:
-                prompt_token_ids(tokenizer, kind, body)
-            except (ValueError, TypeError, KeyError):  # what the ingress answers with a 400
-                outcomes["refused"] += 1
-                continue
-            outcomes["accepted"] += 1
         except APIError as error:
-            assert 400 <= error.status < 500, (raw, error.body())
-            assert set(error.body()["error"]) >= {"message", "type", "param", "code"}
-            outcomes["refused"] += 1
+            refusal = {"status": error.status, **error.body()}
+        else:
+            refusal = admit(tokenizer, kind, body, REQUEST_TYPES[kind], "m")
+            if "prompt_tokens" in refusal:
+                outcomes["accepted"] += 1
+                continue
+        assert 400 <= refusal["status"] < 500, (raw, refusal)
+        assert set(refusal["error"]) >= {"message", "type", "param", "code"}
+        outcomes["refused"] += 1
     assert outcomes["accepted"] > 20 and outcomes["refused"] > 200, outcomes  # both paths were exercised
 
 

@@ -225,7 +225,9 @@ def test_trtllm_deployment_speaks_openai_over_the_llm_api(flow):
         assert llm.outputs[-1].aborted and not llm.outputs[0].aborted
         stats = await server.engine_stats()
         assert stats["spec_decode"]["acceptance_length"] == 3.0  # 1 + 6 / 3
-        assert await server.prompt_tokens("completions", {"prompt": "What is 4 plus 4?"}) > 0
+        assert (await server.admit("completions", {"prompt": "What is 4 plus 4?"}))["prompt_tokens"] > 0
+        refused = await server.admit("completions", {"max_tokens": 3})  # no prompt: a 400 naming it, as JSON
+        assert refused["status"] == 400 and refused["error"]["param"] == "prompt", refused
 
     asyncio.run(scenario())
 
@@ -246,3 +248,18 @@ def test_engine_retries_back_off_within_their_time_budget():
     now[0] = 0.0
     # 1, 2, 4, then every 4 s; the attempt a further pause would push past the budget is the last.
     assert asyncio.run(attempts(20)) == [(0, 0.0), (1, 1.0), (2, 3.0), (3, 7.0), (4, 11.0), (5, 15.0), (6, 19.0)]
+
+
+def test_the_ingress_and_the_board_import_no_engine():
+    """The ingress forwards JSON: importing it (and the stats board) loads neither vLLM nor Ray Serve LLM, so its
+    replicas start in seconds and a cluster with TensorRT-LLM alone can run it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, serve.ingress, serve.stats_board; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'vllm', 'tensorrt_llm'}), "
+            "'ray.llm' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["[]", "False"], result.stdout

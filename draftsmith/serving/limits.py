@@ -157,3 +157,21 @@ def prompt_token_ids(tokenizer, kind: str, body: dict[str, Any]) -> list[int]:
             return list(prompt)
         return max((prompt_token_ids(tokenizer, kind, {"prompt": p}) for p in prompt), key=len)
     return tokenizer(prompt)["input_ids"]
+
+
+def admit(tokenizer, kind: str, body: dict[str, Any], request_type: type[BaseModel] | None = None,
+          model: str | None = None) -> dict[str, Any]:
+    """An engine replica's answer to the ingress before it generates (the replica holds the tokenizer and, for
+    vLLM, the request types): `{"prompt_tokens": n}`, or a refusal `{"status": 4xx, "error": {...}}` naming the
+    field, for a body the engine's request type or the chat template cannot take. Plain JSON either way: the
+    ingress imports no engine."""
+    try:
+        if request_type is not None:
+            parse_request(request_type, body, model)
+        try:
+            count = len(prompt_token_ids(tokenizer, kind, body))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise invalid(f"cannot tokenize the prompt: {exc}", "messages" if kind == CHAT else "prompt") from None
+    except APIError as error:
+        return {"status": error.status, **error.body()}
+    return {"prompt_tokens": count}
