@@ -1,4 +1,5 @@
-"""Request limits checked at the ingress, before a request reaches an engine.
+"""Request limits checked at the ingress, before a request reaches an engine, and the admission an engine replica
+answers before it generates (`admit`: the engine's request type and the prompt's length in its tokens).
 
 Each out-of-range value gets a 400 naming the field (`param`), the allowed range and how to fix it.
 """
